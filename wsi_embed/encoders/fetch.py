@@ -1,0 +1,90 @@
+"""Where weight files live, and getting them over the network without hanging."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from wsi_embed.errors import WeightsUnavailable
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR_ENV = "WSI_EMBED_WEIGHTS_DIR"
+CHECK_TIMEOUT_S = 5.0
+# A stalled transfer fails after this long without a byte, instead of hanging.
+READ_TIMEOUT_S = 60.0
+
+
+class Unreachable(Exception):
+    """The host of a URL did not answer; the message says how it failed."""
+
+
+def hub_checkpoint_dir() -> Path:
+    """torch's checkpoint cache (``$TORCH_HOME/hub/checkpoints``), as torchvision uses it."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def weights_dir() -> Path | None:
+    value = os.environ.get(WEIGHTS_DIR_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def url_basename(url: str) -> str:
+    return os.path.basename(urllib.parse.urlparse(url).path)
+
+
+def check_reachable(url: str, timeout: float = CHECK_TIMEOUT_S) -> None:
+    """Raise ``Unreachable`` unless the URL's server answers within ``timeout`` seconds.
+
+    A HEAD request (through any configured proxy) runs in a daemon thread so that
+    slow DNS, which ignores socket timeouts, cannot stretch the wait either.
+    Any HTTP answer counts as reachable except 404/410.
+    """
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "wsi-embed"})
+        try:
+            urllib.request.urlopen(req, timeout=timeout).close()
+            outcome.append(None)
+        except urllib.error.HTTPError as e:
+            outcome.append(Unreachable(f"HTTP {e.code} {e.reason}") if e.code in (404, 410) else None)
+        except BaseException as e:  # noqa: BLE001 - reported, not swallowed
+            reason = getattr(e, "reason", None) or e
+            outcome.append(Unreachable(f"{type(reason).__name__}: {reason}"))
+
+    thread = threading.Thread(target=probe, name="wsi-embed-reachability", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if not outcome:
+        raise Unreachable(f"no answer within {timeout:g} s")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def download(url: str, dst: Path, sha256_prefix: str | None = None) -> None:
+    """Download ``url`` to ``dst``; torch writes ``dst.<uuid>.partial`` and renames at the end."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s -> %s", url, dst)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(READ_TIMEOUT_S)  # torch's urlopen takes no timeout
+    try:
+        torch.hub.download_url_to_file(
+            url, str(dst), hash_prefix=sha256_prefix, progress=sys.stderr.isatty()
+        )
+    except Exception as e:  # noqa: BLE001
+        raise WeightsUnavailable(
+            f"downloading {url} to {dst} failed ({type(e).__name__}: {e}); no file was left "
+            f"there. Retry, or download it by hand into {dst.parent}."
+        ) from e
+    finally:
+        socket.setdefaulttimeout(previous)

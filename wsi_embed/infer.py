@@ -1,0 +1,86 @@
+"""The device side: uint8 patches in, embeddings out. Conversion, resize and normalization run on
+the device so the loader ships compact uint8 and the CPU stays free for decoding."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InvalidOption
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InvalidOption(f"--device {spec}: CUDA is not available here; use --device cpu or auto")
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidOption(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) visible")
+        return device
+    raise InvalidOption(f"unknown --device {spec!r}; use auto, cpu, cuda or cuda:N")
+
+
+def select_precision(spec: str, device: torch.device) -> str:
+    if spec not in PRECISIONS:
+        raise InvalidOption(f"unknown --precision {spec!r}; use one of {', '.join(PRECISIONS)}")
+    if spec == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"  # CPU autocast is slower than fp32 on most CPUs
+    return spec
+
+
+class EncoderRunner:
+    """Runs one encoder on uint8 NHWC batches already on the device."""
+
+    def __init__(self, encoder, device: torch.device, precision: str, *, compile: bool = False):
+        self.encoder = encoder
+        self.device = device
+        self.precision = precision
+        cfg = encoder.config
+        self.input_size = int(cfg.input_size)
+        self.mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)
+        module = encoder.module.to(device).eval()
+        self.channels_last = _is_cnn(module)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.module = torch.compile(module) if compile else module
+
+    def _autocast(self):
+        if self.precision in _AUTOCAST:
+            return torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision])
+        return contextlib.nullcontext()
+
+    def preprocess(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, 3, S, S) normalized float32 at the encoder's input size."""
+        x = patches.permute(0, 3, 1, 2).float().div_(255.0)
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              antialias=True, align_corners=False)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @torch.inference_mode()
+    def __call__(self, patches: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(patches)
+        with self._autocast():
+            out = self.module(x)
+        return out.float()
+
+
+def _is_cnn(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Conv2d) for m in module.modules()) and not any(
+        "Attention" in type(m).__name__ for m in module.modules())

@@ -1,0 +1,165 @@
+"""Streaming region reads: one ``read_region`` per block of cells, patches cut from the block.
+
+The loader is fed :class:`ReadTask` objects by a sampler, so one DataLoader (and its workers, each
+with its own cached slide handles) streams many slides back to back: the next slide is read while
+this one computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import WsiEmbedError
+from .grid import Grid, Region
+from .slide import Slide, open_slide
+
+log = logging.getLogger(__name__)
+
+_MAX_OPEN_SLIDES = 4
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """Read one block at ``level`` and cut ``read_px`` squares at the given level offsets."""
+
+    slide_key: int
+    path: str
+    backend: str
+    level: int
+    location: tuple[int, int]  # level-0 top-left of the block
+    size: tuple[int, int]  # block size in level pixels
+    offsets: tuple[tuple[int, int], ...]  # (x, y) of each cell inside the block, level pixels
+    read_px: int
+    region: int  # region index within the slide
+
+
+@dataclass(frozen=True)
+class EndOfSlide:
+    slide_key: int
+
+
+@dataclass
+class RegionBatch:
+    slide_key: int
+    region: int
+    patches: torch.Tensor | None  # (n, read_px, read_px, 3) uint8
+    error: str | None = None
+
+    def pin_memory(self) -> "RegionBatch":  # called by DataLoader's pin thread
+        if self.patches is not None:
+            self.patches = self.patches.pin_memory()
+        return self
+
+
+def region_task(slide_key: int, path: str, backend: str, grid: Grid, region: Region) -> ReadTask:
+    """Geometry of one region read; offsets are whole level pixels (see grid module)."""
+    xs = grid.level_x(np.arange(region.c0, region.c1))
+    ys = grid.level_y(np.arange(region.r0, region.r1))
+    lx0, ly0 = int(xs[0]), int(ys[0])
+    width, height = int(xs[-1]) + grid.read_px - lx0, int(ys[-1]) + grid.read_px - ly0
+    offsets = tuple((int(xs[c - region.c0]) - lx0, int(ys[r - region.r0]) - ly0) for r, c in region.cells)
+    ds = grid.level_downsample
+    return ReadTask(slide_key, path, backend, grid.level, (round(lx0 * ds), round(ly0 * ds)),
+                    (width, height), offsets, grid.read_px, region.index)
+
+
+def cut_patches(block: np.ndarray, offsets: Iterable[tuple[int, int]], size: int) -> np.ndarray:
+    offsets = list(offsets)
+    out = np.empty((len(offsets), size, size, 3), dtype=np.uint8)
+    for i, (x, y) in enumerate(offsets):
+        out[i] = block[y : y + size, x : x + size]
+    return out
+
+
+class _HandleCache:
+    """Per-process slide handles: never shared across processes, reused across regions."""
+
+    def __init__(self) -> None:
+        self._open: OrderedDict[tuple[str, str], Slide] = OrderedDict()
+
+    def get(self, path: str, backend: str) -> Slide:
+        key = (path, backend)
+        if key in self._open:
+            self._open.move_to_end(key)
+            return self._open[key]
+        slide = open_slide(path, backend=backend)
+        self._open[key] = slide
+        while len(self._open) > _MAX_OPEN_SLIDES:
+            _, old = self._open.popitem(last=False)
+            old.close()
+        return slide
+
+    def clear(self) -> None:
+        for slide in self._open.values():
+            try:
+                slide.close()
+            except Exception:  # closing a broken handle must not mask the real error
+                pass
+        self._open.clear()
+
+
+_HANDLES = _HandleCache()
+
+
+class RegionDataset(Dataset):
+    """Maps a task to its patches. Read errors come back as data, so one bad slide stops only itself."""
+
+    def __getitem__(self, task):
+        if isinstance(task, EndOfSlide):
+            return task
+        try:
+            slide = _HANDLES.get(task.path, task.backend)
+            block = slide.read_region(task.location, task.level, task.size)
+            patches = torch.from_numpy(cut_patches(block, task.offsets, task.read_px))
+            return RegionBatch(task.slide_key, task.region, patches)
+        except WsiEmbedError as exc:
+            return RegionBatch(task.slide_key, task.region, None, str(exc))
+        except Exception as exc:  # the slide's own failure, reported per slide, not a crash
+            log.debug("read failed", exc_info=True)
+            return RegionBatch(task.slide_key, task.region, None,
+                               f"{task.path}: read failed ({type(exc).__name__}: {exc})")
+
+    def __len__(self) -> int:  # pragma: no cover - the sampler drives iteration
+        raise TypeError("RegionDataset is fed by a sampler")
+
+
+class TaskFeed(Sampler):
+    """A one-shot sampler over an iterator of tasks (built lazily, slide after slide)."""
+
+    def __init__(self, tasks: Iterator):
+        self._tasks = tasks
+
+    def __iter__(self):
+        return self._tasks
+
+
+def _worker_init(_: int) -> None:
+    _HANDLES.clear()  # handles inherited through fork belong to the parent
+    torch.set_num_threads(1)
+
+
+def default_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores - 1))
+
+
+def make_loader(tasks: Iterator, *, workers: int, pin_memory: bool, prefetch: int = 4) -> DataLoader:
+    kwargs = {}
+    if workers > 0:
+        kwargs = dict(prefetch_factor=prefetch, worker_init_fn=_worker_init, persistent_workers=False)
+    return DataLoader(
+        RegionDataset(), batch_size=None, sampler=TaskFeed(tasks), num_workers=workers,
+        pin_memory=pin_memory, collate_fn=None, **kwargs,
+    )
+
+
+def release_handles() -> None:
+    _HANDLES.clear()

@@ -1,0 +1,366 @@
+"""``embed_slide``: one slide in, one verified store out. Every driver (CLI, cohort, dask) calls it,
+or ``embed_slides`` which streams several slides through one loader and one set of encoders."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InvalidOption, WsiEmbedError
+from .grid import Grid, GridSpec, plan_grid, plan_regions
+from .infer import EncoderRunner, select_device, select_precision
+from .loader import EndOfSlide, RegionBatch, default_workers, make_loader, region_task, release_handles
+from .qc import render_qc, write_png_atomic
+from .slide import describe, open_slide, resolve_mpp
+from .store import (EMBEDDING_DTYPES, StoreWriter, completed_encoders, ensure_writable, group_name,
+                    remove_stale_temporaries, store_path)
+from .tissue import TissueParams, cell_tissue_fraction, detect_tissue, read_thumbnail
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    grid: GridSpec = field(default_factory=GridSpec)
+    min_tissue: float = 0.25
+    tissue: TissueParams = field(default_factory=TissueParams)
+    backend: str = "auto"
+    dtype: str = "float16"
+    block: int = 8  # cells per region side; also the Zarr chunk side
+    workers: int | None = None  # None: cores - 1
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    overwrite: bool = False
+    qc: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise InvalidOption(f"--min-tissue must be between 0 and 1, got {self.min_tissue}")
+        if self.dtype not in EMBEDDING_DTYPES:
+            raise InvalidOption(f"--dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {self.dtype}")
+        if self.batch_size < 1:
+            raise InvalidOption(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise InvalidOption(f"--workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    path: Path
+    slide_id: str
+    slide_mpp: float | None = None  # used only when the slide has no resolution metadata
+
+
+@dataclass
+class SlideResult:
+    path: str
+    slide_id: str
+    status: str  # done | skipped | failed
+    error: str | None = None
+    cells: int = 0
+    seconds: float = 0.0
+    encoders: list[str] = field(default_factory=list)
+    store: str | None = None
+    qc: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def slide_id_for(path: Path) -> str:
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def pending_encoders(out_dir: Path, slide_id: str, names: Sequence[str], overwrite: bool) -> list[str]:
+    """Encoders still to run for this slide (all of them under --overwrite)."""
+    if overwrite:
+        return list(names)
+    done = set(completed_encoders(store_path(out_dir, slide_id)))
+    return [n for n in names if n not in done]
+
+
+# -- per-slide state ---------------------------------------------------------------------------
+@dataclass
+class _SlideRun:
+    job: SlideJob
+    started: float
+    result: SlideResult
+    writer: StoreWriter | None = None
+    grid: Grid | None = None
+    groups: dict = field(default_factory=dict)  # encoder name -> EncoderGroupWriter
+    regions: dict = field(default_factory=dict)  # region index -> _RegionBuffer
+    qc_image: object | None = None
+    failed: bool = False
+
+
+@dataclass
+class _RegionBuffer:
+    r0: int
+    c0: int
+    cells: tuple
+    blocks: dict  # encoder -> (h, w, dim) float32 NaN-filled
+    remaining: int
+
+
+def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: EmbedOptions):
+    """Open, measure, find tissue, plan the grid and open the store. Returns (run, tasks)."""
+    run = _SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed"))
+    final = store_path(out_dir, job.slide_id)
+    todo = pending_encoders(out_dir, job.slide_id, [e.config.name for e in encoders], opts.overwrite)
+    remove_stale_temporaries(out_dir, job.slide_id)
+    append = final.exists() and not opts.overwrite and bool(completed_encoders(final))
+    slide = open_slide(job.path, backend=opts.backend)
+    try:
+        mpp = resolve_mpp(slide, job.slide_mpp)
+        writer = StoreWriter(final, append=append)
+        if append:
+            grid, mask = _reuse_geometry(writer, opts, final)
+        else:
+            grid, mask = _new_geometry(slide, mpp, job, writer, opts, run)
+        backend = slide.backend
+    finally:
+        slide.close()
+    run.writer, run.grid = writer, grid
+    chunk = opts.block
+    for enc in encoders:
+        if enc.config.name not in todo:
+            continue
+        attrs = {**enc.attrs(), "precision": None, "dtype": opts.dtype,
+                 "input_resized": grid.read_px != enc.config.input_size,
+                 "input_resize": f"{grid.read_px}px read -> {enc.config.input_size}px encoder input"}
+        run.groups[enc.config.name] = writer.add_encoder(
+            enc.config.name, dim=enc.config.dim, dtype=opts.dtype, chunk=chunk, attrs=attrs)
+    regions = plan_regions(grid, mask, opts.block)
+    for region in regions:
+        blocks = {n: None for n in run.groups}
+        run.regions[region.index] = _RegionBuffer(region.r0, region.c0, region.cells, blocks, len(region.cells))
+    run.result.cells = int(mask.sum())
+    run.result.encoders = list(run.groups)
+    tasks = [region_task(key, str(job.path), backend, grid, r) for r in regions]
+    return run, tasks
+
+
+def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run: _SlideRun):
+    info = describe(slide, mpp)
+    grid = plan_grid(opts.grid, slide_mpp=mpp.mpp, level_dimensions=slide.level_dimensions,
+                     level_downsamples=slide.level_downsamples, bounds=slide.bounds)
+    thumb = read_thumbnail(slide, mpp.mpp, opts.tissue)
+    tissue_mask = detect_tissue(thumb, opts.tissue)
+    fraction = cell_tissue_fraction(tissue_mask, thumb, grid)
+    mask = fraction >= opts.min_tissue
+    coords = grid.coords()
+    attrs = {
+        "slide": {**info.to_dict(), "slide_id": job.slide_id},
+        "grid": grid.attrs(),
+        "tissue": {**opts.tissue.to_dict(), "min_tissue": opts.min_tissue, "method": "saturation Otsu",
+                   "thumbnail_mpp": [thumb.mpp_x, thumb.mpp_y],
+                   "thumbnail_scale": [thumb.scale_x, thumb.scale_y],
+                   "tissue_area_mm2": float(tissue_mask.sum() * thumb.mpp_x * thumb.mpp_y / 1e6),
+                   "cells_embedded": int(mask.sum())},
+    }
+    writer.create(attrs=attrs, mask=mask, tissue_fraction=fraction, coords=coords,
+                  thumbnail=thumb.image, tissue_mask=tissue_mask, chunk=opts.block)
+    if opts.qc:
+        title = (f"{job.slide_id}: {int(mask.sum())} cells embedded (blue), tissue contour (green); "
+                 f"{grid.patch_px}px @ {grid.target_mpp:g} um/px, min tissue {opts.min_tissue:g}")
+        run.qc_image = render_qc(thumb.image, tissue_mask, grid, coords, mask,
+                                 scale_x=thumb.scale_x, scale_y=thumb.scale_y, title=title)
+    return grid, mask
+
+
+def _reuse_geometry(writer: StoreWriter, opts: EmbedOptions, final: Path):
+    root = writer.open_existing()
+    g = dict(root.attrs["grid"])
+    wanted = (opts.grid.mpp, opts.grid.patch_px, opts.grid.stride, opts.min_tissue)
+    have = (g["target_mpp"], g["patch_px"], g["stride_px"], root.attrs["tissue"]["min_tissue"])
+    if not all(math.isclose(a, b) for a, b in zip(wanted, have)):
+        raise InvalidOption(
+            f"{final}: exists with another grid (mpp, patch, stride, min-tissue = {have}, asked {wanted}); "
+            "use --overwrite to rebuild it or choose another --out")
+    fields = {k: g[k] for k in Grid.__dataclass_fields__}
+    fields["origin_level"] = tuple(fields["origin_level"])
+    return Grid(**fields), root["mask"][...]
+
+
+# -- the streaming loop ------------------------------------------------------------------------
+def _model_name(model) -> str:
+    from .encoders import get_config
+
+    return model if isinstance(model, str) and model.startswith("timm:") else (
+        get_config(model).name if isinstance(model, str) else model.config.name)
+
+
+class _Models:
+    """Encoders are loaded on first need, so a rerun with nothing to do never loads a model."""
+
+    def __init__(self, models: Sequence, weights: str, device: torch.device, precision: str, compile: bool):
+        self.names = [_model_name(m) for m in models]
+        if len(set(self.names)) != len(self.names):
+            raise InvalidOption("the same model is named twice in --model")
+        self._models, self._weights = list(models), weights
+        self._device, self._precision, self._compile = device, precision, compile
+        self.encoders: list = []
+        self.runners: list[EncoderRunner] = []
+
+    def load(self) -> list:
+        if not self.encoders:
+            from .encoders import Encoder, load_encoder
+
+            self.encoders = [m if isinstance(m, Encoder) else load_encoder(m, self._weights) for m in self._models]
+            self.runners = [EncoderRunner(e, self._device, self._precision, compile=self._compile)
+                            for e in self.encoders]
+        return self.encoders
+
+
+def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence = ("lunit-bt-rn50",),
+                 weights: str = "auto", options: EmbedOptions = EmbedOptions()) -> Iterator[SlideResult]:
+    """Embed slides one after another through one loader; yields a result per slide, in order.
+
+    A slide that fails is reported with ``status="failed"`` and leaves nothing behind; the others go
+    on. Problems that concern every slide (weights, device, output directory) raise instead.
+    ``models`` are registry names or loaded :class:`~wsi_embed.encoders.Encoder` objects.
+    """
+    out_dir = ensure_writable(Path(out_dir))
+    opts = options
+    device = select_device(opts.device)
+    precision = select_precision(opts.precision, device)
+    models_ = _Models(models, weights, device, precision, opts.compile)
+    runs: dict[int, _SlideRun] = {}
+
+    def feed():
+        for key, job in enumerate(jobs):
+            run, tasks = None, []
+            if not pending_encoders(out_dir, job.slide_id, models_.names, opts.overwrite):
+                run = _SlideRun(job, time.perf_counter(), SlideResult(
+                    str(job.path), job.slide_id, "skipped", encoders=list(models_.names),
+                    store=str(store_path(out_dir, job.slide_id))))
+            else:
+                encoders = models_.load()  # errors here concern every slide: let them raise
+                try:
+                    run, tasks = _prepare(job, key, out_dir, encoders, opts)
+                except WsiEmbedError as exc:
+                    error = str(exc)
+                except Exception as exc:  # one slide's unexpected failure must not stop the cohort
+                    log.exception("unexpected error preparing %s", job.path)
+                    error = f"{job.path}: {type(exc).__name__}: {exc}"
+                if run is None:
+                    run = _SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed"))
+                    run.result.error, run.failed = error, True
+            runs[key] = run
+            yield from tasks
+            yield EndOfSlide(key)
+
+    workers = default_workers() if opts.workers is None else opts.workers
+    loader = make_loader(feed(), workers=workers, pin_memory=device.type == "cuda")
+    pending: list[tuple[torch.Tensor, list]] = []  # (patches on device, [(region, cell index)])
+    try:
+        for item in loader:
+            run = runs[item.slide_key]
+            if isinstance(item, EndOfSlide):
+                yield _finish(run, pending, models_.runners, opts, precision)
+                runs.pop(item.slide_key, None)
+                continue
+            if run.failed:
+                continue
+            if item.error:
+                _fail(run, item.error, pending)
+                continue
+            patches = item.patches.to(device, non_blocking=True)
+            pending.append((patches, [(item.region, i) for i in range(patches.shape[0])]))
+            if sum(p.shape[0] for p, _ in pending) >= opts.batch_size:
+                _run_batches(run, pending, models_.runners, opts, flush=False)
+    finally:
+        for run in runs.values():
+            if run.writer is not None and run.result.status != "done":
+                run.writer.abort()
+        release_handles()
+
+
+def _fail(run: _SlideRun, error: str, pending: list) -> None:
+    run.failed = True
+    run.result.status, run.result.error = "failed", error
+    pending.clear()
+    if run.writer is not None:
+        run.writer.abort()
+
+
+def _run_batches(run: _SlideRun, pending: list, runners, opts: EmbedOptions, *, flush: bool) -> None:
+    """Run full batches from ``pending``; with ``flush`` also the remainder. Batches never span
+    slides: the loop flushes at each end of slide."""
+    if not pending:
+        return
+    x = torch.cat([p for p, _ in pending]) if len(pending) > 1 else pending[0][0]
+    labels = [label for _, labels in pending for label in labels]
+    n = x.shape[0]
+    stop = n if flush else n - n % opts.batch_size
+    for start in range(0, stop, opts.batch_size):
+        end = min(start + opts.batch_size, stop)
+        outs = {r.encoder.config.name: r(x[start:end]).cpu().numpy() for r in runners
+                if r.encoder.config.name in run.groups}
+        for j, (region, i) in enumerate(labels[start:end]):
+            _store_row(run, region, i, {k: v[j] for k, v in outs.items()}, opts)
+    pending.clear()
+    if stop < n:
+        pending.append((x[stop:], labels[stop:]))
+
+
+def _store_row(run: _SlideRun, region: int, i: int, rows: dict, opts: EmbedOptions) -> None:
+    buf = run.regions[region]
+    r, c = buf.cells[i]
+    for name, vec in rows.items():
+        block = buf.blocks.get(name)
+        if block is None:
+            h = min(opts.block, run.grid.rows - buf.r0)
+            w = min(opts.block, run.grid.cols - buf.c0)
+            block = buf.blocks[name] = np.full((h, w, vec.shape[0]), np.nan, dtype=np.float32)
+        block[r - buf.r0, c - buf.c0] = vec
+    buf.remaining -= 1
+    if buf.remaining == 0:
+        for name, block in buf.blocks.items():
+            run.groups[name].write_block(buf.r0, buf.c0, block.astype(opts.dtype))
+        del run.regions[region]
+
+
+def _finish(run: _SlideRun, pending: list, runners, opts: EmbedOptions, precision: str) -> SlideResult:
+    result = run.result
+    if run.failed or result.status == "skipped":
+        result.seconds = time.perf_counter() - run.started
+        return result
+    try:
+        _run_batches(run, pending, runners, opts, flush=True)
+        if run.regions:
+            raise RuntimeError(f"{len(run.regions)} regions were not completed")
+        for name, group in run.groups.items():
+            run.writer.mark_complete(group, {"precision": precision})
+        qc_path = None
+        if run.qc_image is not None:
+            qc_path = write_png_atomic(run.qc_image, run.writer.final.with_name(f"{run.job.slide_id}.qc.png"))
+        result.store = str(run.writer.commit())
+        result.qc = str(qc_path) if qc_path else None
+        result.status = "done"
+    except WsiEmbedError as exc:
+        _fail(run, str(exc), pending)
+    result.seconds = time.perf_counter() - run.started
+    return result
+
+
+def embed_slide(path: str | Path, out_dir: str | Path, models: Sequence = ("lunit-bt-rn50",),
+                weights: str = "auto", options: EmbedOptions = EmbedOptions(), *,
+                slide_id: str | None = None, slide_mpp: float | None = None) -> SlideResult:
+    """Embed one slide into ``<out_dir>/<slide_id>.zarr``; raise its error if it fails."""
+    job = SlideJob(Path(path), slide_id or slide_id_for(Path(path)), slide_mpp)
+    (result,) = list(embed_slides([job], out_dir, models, weights, options))
+    return result

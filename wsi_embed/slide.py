@@ -1,0 +1,286 @@
+"""Slide readers: openslide and tiffslide behind one small interface with openslide's names.
+
+Every read returns an RGB ``uint8`` array (H, W, 3). Areas outside the level are white, the colour
+of empty glass, for both backends alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from .errors import MissingMpp, SlideNotFound, UnreadableSlide, InvalidOption
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "openslide", "tiffslide"]
+BACKENDS = ("auto", "openslide", "tiffslide")
+BACKGROUND = 255
+
+
+@dataclass(frozen=True)
+class MppInfo:
+    mpp: float
+    source: str  # "metadata" | "objective-power" | "override"
+
+
+class Slide:
+    """A whole-slide image opened with one backend. Use :func:`open_slide`."""
+
+    backend: str
+
+    def __init__(self, path: Path, handle, backend: str, prefix: str):
+        self.path = path
+        self._handle = handle
+        self.backend = backend
+        self._prefix = prefix  # "openslide" or "tiffslide" property namespace
+
+    # -- openslide-named geometry -------------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return tuple(int(v) for v in self._handle.dimensions)
+
+    @property
+    def level_count(self) -> int:
+        return int(self._handle.level_count)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple((int(w), int(h)) for w, h in self._handle.level_dimensions)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self._handle.level_downsamples)
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return {str(k): v for k, v in self._handle.properties.items()}
+
+    def _prop(self, name: str):
+        value = self._handle.properties.get(f"{self._prefix}.{name}")
+        return None if value in (None, "") else value
+
+    @property
+    def vendor(self) -> str | None:
+        return self._prop("vendor")
+
+    @property
+    def objective_power(self) -> float | None:
+        value = self._prop("objective-power")
+        try:
+            power = float(value) if value is not None else None
+        except ValueError:
+            return None
+        return power if power and power > 0 else None
+
+    @property
+    def metadata_mpp(self) -> float | None:
+        values = []
+        for axis in ("x", "y"):
+            try:
+                v = float(self._prop(f"mpp-{axis}"))
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(v) and v > 0:
+                values.append(v)
+        return sum(values) / len(values) if values else None
+
+    @property
+    def bounds(self) -> tuple[int, int, int, int]:
+        """Level-0 (x, y, w, h) of the scanned area (openslide bounds where the format has them)."""
+        width, height = self.dimensions
+        try:
+            x = int(self._prop("bounds-x") or 0)
+            y = int(self._prop("bounds-y") or 0)
+            w = int(self._prop("bounds-width") or width - x)
+            h = int(self._prop("bounds-height") or height - y)
+        except ValueError:
+            return 0, 0, width, height
+        return x, y, w, h
+
+    def tile_size(self, level: int) -> tuple[int, int] | None:
+        try:
+            w = int(self._handle.properties[f"{self._prefix}.level[{level}].tile-width"])
+            h = int(self._handle.properties[f"{self._prefix}.level[{level}].tile-height"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return (w, h) if w > 0 and h > 0 else None
+
+    # -- pixels ------------------------------------------------------------------------------
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of ``size`` level pixels whose top-left is level-0 ``location``.
+
+        Only the part inside the level is read; the rest is white.
+        """
+        x0, y0 = location
+        w, h = size
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        lx, ly = int(round(x0 / ds)), int(round(y0 / ds))
+        out = np.full((h, w, 3), BACKGROUND, dtype=np.uint8)
+        cx0, cy0 = max(lx, 0), max(ly, 0)
+        cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
+        if cx1 <= cx0 or cy1 <= cy0:
+            return out
+        loc0 = (int(round(cx0 * ds)), int(round(cy0 * ds)))
+        try:
+            pixels = self._read(loc0, level, (cx1 - cx0, cy1 - cy0))
+        except Exception as exc:  # backends raise assorted codec/IO errors on damaged files
+            raise UnreadableSlide(
+                f"{self.path}: cannot decode pixels at level {level} ({type(exc).__name__}: {exc}); "
+                "the file is probably truncated or corrupt: re-copy or re-export it"
+            ) from exc
+        out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = pixels
+        return out
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _OpenSlide(Slide):
+    def _read(self, location, level, size):
+        rgba = np.asarray(self._handle.read_region(location, level, size))
+        rgb = rgba[..., :3].copy()
+        # openslide returns transparent (premultiplied, so black) pixels where nothing was scanned
+        rgb[rgba[..., 3] == 0] = BACKGROUND
+        return rgb
+
+
+class _TiffSlide(Slide):
+    def _read(self, location, level, size):
+        arr = self._handle.read_region(location, level, size, as_array=True)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        return np.ascontiguousarray(arr[..., :3]).astype(np.uint8, copy=False)
+
+
+def _open_openslide(path: Path) -> Slide:
+    import openslide
+
+    return _OpenSlide(path, openslide.OpenSlide(str(path)), "openslide", "openslide")
+
+
+def _open_tiffslide(path: Path) -> Slide:
+    import tiffslide
+
+    return _TiffSlide(path, tiffslide.TiffSlide(str(path)), "tiffslide", "tiffslide")
+
+
+def _openslide_knows(path: Path) -> bool:
+    import openslide
+
+    try:
+        return openslide.OpenSlide.detect_format(str(path)) is not None
+    except Exception:
+        return False
+
+
+def open_slide(path: str | os.PathLike, *, backend: str = "auto") -> Slide:
+    """Open a slide. ``auto`` prefers openslide (widest vendor support), else tiffslide."""
+    path = Path(path)
+    if backend not in BACKENDS:
+        raise InvalidOption(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if not path.exists():
+        raise SlideNotFound(f"{path}: no such file; check the path")
+    if path.is_dir() and path.suffix.lower() != ".zarr":
+        raise UnreadableSlide(f"{path}: is a directory, not a slide file; pass the slide file itself")
+    if backend == "auto":
+        backend = "openslide" if _openslide_knows(path) else "tiffslide"
+    opener = _open_openslide if backend == "openslide" else _open_tiffslide
+    try:
+        slide = opener(path)
+        if slide.level_count < 1 or min(slide.dimensions) < 1:
+            raise ValueError("no image levels")
+    except Exception as exc:
+        raise UnreadableSlide(
+            f"{path}: not a whole-slide image that {backend} can read ({type(exc).__name__}: {exc}); "
+            "pass a slide file (.svs, .tif, .ndpi, .mrxs, ...) or try --backend "
+            f"{'tiffslide' if backend == 'openslide' else 'openslide'}"
+        ) from exc
+    return slide
+
+
+def resolve_mpp(slide: Slide, override: float | None = None) -> MppInfo:
+    """Metadata, else 10 / objective power, else the user's ``--slide-mpp``, else an error."""
+    if slide.metadata_mpp is not None:
+        return MppInfo(slide.metadata_mpp, "metadata")
+    if slide.objective_power is not None:
+        return MppInfo(10.0 / slide.objective_power, "objective-power")
+    if override is not None:
+        if not (override > 0 and math.isfinite(override)):
+            raise InvalidOption(f"--slide-mpp must be a positive number of µm/px, got {override}")
+        return MppInfo(float(override), "override")
+    raise MissingMpp(
+        f"{slide.path}: the slide has no resolution metadata (µm/px) and no objective power; "
+        "pass its resolution with --slide-mpp (e.g. --slide-mpp 0.25 for a 40x scan)"
+    )
+
+
+def fingerprint(path: Path) -> str:
+    """A cheap identity for a slide file: sha256 of its size and its first and last MiB."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What ``wsi-embed info`` prints and what the store records as ``slide`` attrs."""
+
+    path: str
+    backend: str
+    vendor: str | None
+    dimensions: tuple[int, int]
+    level_count: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float | None
+    mpp_source: str | None
+    objective_power: float | None
+    file_size: int
+    fingerprint: str
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dimensions"] = list(self.dimensions)
+        d["level_dimensions"] = [list(x) for x in self.level_dimensions]
+        d["level_downsamples"] = list(self.level_downsamples)
+        return d
+
+
+def describe(slide: Slide, mpp: MppInfo | None) -> SlideInfo:
+    return SlideInfo(
+        path=str(slide.path.resolve()),
+        backend=slide.backend,
+        vendor=slide.vendor,
+        dimensions=slide.dimensions,
+        level_count=slide.level_count,
+        level_dimensions=slide.level_dimensions,
+        level_downsamples=slide.level_downsamples,
+        mpp=mpp.mpp if mpp else None,
+        mpp_source=mpp.source if mpp else None,
+        objective_power=slide.objective_power,
+        file_size=slide.path.stat().st_size,
+        fingerprint=fingerprint(slide.path),
+    )

@@ -1,0 +1,106 @@
+"""Tissue detection on a thumbnail, and each grid cell's tissue fraction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+from .grid import Grid
+from .slide import Slide
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    thumb_mpp: float = 4.0  # µm/px of the thumbnail the mask is computed on
+    max_thumb_px: int = 4096  # cap on the thumbnail's longer side (huge slides get coarser)
+    min_saturation: float = 0.07  # Otsu never goes below this: blank glass is not tissue
+    blur_um: float = 8.0
+    closing_um: float = 16.0
+    min_object_um2: float = 20_000.0  # drop specks smaller than ~0.02 mm²
+    max_hole_um2: float = 20_000.0  # fill holes smaller than this
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    image: np.ndarray  # (h, w, 3) uint8
+    mpp_x: float  # level-0 µm per thumbnail pixel, per axis (sizes are rounded)
+    mpp_y: float
+    scale_x: float  # thumbnail px per level-0 px
+    scale_y: float
+
+
+def read_thumbnail(slide: Slide, slide_mpp: float, params: TissueParams) -> Thumbnail:
+    """Downsample the whole slide block by block, so memory stays bounded for any slide size."""
+    w0, h0 = slide.dimensions
+    mpp = max(params.thumb_mpp, slide_mpp, max(w0, h0) * slide_mpp / params.max_thumb_px)
+    tw, th = max(1, round(w0 * slide_mpp / mpp)), max(1, round(h0 * slide_mpp / mpp))
+    ds_wanted = w0 / tw
+    level = max((lv for lv, ds in enumerate(slide.level_downsamples) if ds <= ds_wanted * 1.001), default=0,
+                key=lambda lv: slide.level_downsamples[lv])
+    lw, lh = slide.level_dimensions[level]
+    fx, fy = lw / tw, lh / th  # level px per thumbnail px
+    thumb = np.empty((th, tw, 3), dtype=np.uint8)
+    block = max(1, int(4096 // max(fx, fy)))  # thumbnail px per block side, ~4k level px read
+    for ty in range(0, th, block):
+        for tx in range(0, tw, block):
+            bw, bh = min(block, tw - tx), min(block, th - ty)
+            lx0, ly0 = int(round(tx * fx)), int(round(ty * fy))
+            lx1, ly1 = max(lx0 + 1, int(round((tx + bw) * fx))), max(ly0 + 1, int(round((ty + bh) * fy)))
+            ds = slide.level_downsamples[level]
+            pixels = slide.read_region((round(lx0 * ds), round(ly0 * ds)), level, (lx1 - lx0, ly1 - ly0))
+            img = Image.fromarray(pixels).resize((bw, bh), Image.Resampling.BOX)
+            thumb[ty : ty + bh, tx : tx + bw] = np.asarray(img)
+    return Thumbnail(thumb, w0 * slide_mpp / tw, h0 * slide_mpp / th, tw / w0, th / h0)
+
+
+def detect_tissue(thumb: Thumbnail, params: TissueParams) -> np.ndarray:
+    """Boolean tissue mask: saturation Otsu, blur, closing, small objects and holes removed."""
+    from skimage import color, filters, morphology
+
+    if thumb.image.shape[0] < 2 or thumb.image.shape[1] < 2:
+        return np.zeros(thumb.image.shape[:2], dtype=bool)
+    hsv = color.rgb2hsv(thumb.image)
+    um = math.sqrt(thumb.mpp_x * thumb.mpp_y)  # µm per thumbnail pixel
+    saturation = filters.gaussian(hsv[..., 1], sigma=max(0.5, params.blur_um / um))
+    value = hsv[..., 2]
+    try:
+        threshold = filters.threshold_otsu(saturation)
+    except ValueError:  # a constant image
+        threshold = 1.0
+    # very dark, unsaturated pixels (pen, out-of-scan black) are not tissue
+    mask = (saturation > max(threshold, params.min_saturation)) & (value > 0.15)
+    radius = max(1, round(params.closing_um / um))
+    mask = morphology.closing(mask, morphology.disk(radius))
+    px_area = um * um
+    mask = morphology.remove_small_objects(mask, max_size=max(1, int(params.min_object_um2 / px_area)))
+    mask = morphology.remove_small_holes(mask, max_size=max(1, int(params.max_hole_um2 / px_area)))
+    return mask
+
+
+def cell_tissue_fraction(mask: np.ndarray, thumb: Thumbnail, grid: Grid) -> np.ndarray:
+    """(rows, cols) float32: the mean of the mask over each cell's footprint."""
+    if grid.n_cells == 0:
+        return np.zeros((grid.rows, grid.cols), dtype=np.float32)
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0), axis=1)
+    coords = grid.coords()
+    size = grid.cell_size0
+
+    def span(start0: np.ndarray, scale: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        a = np.clip(np.round(start0 * scale).astype(np.int64), 0, limit)
+        b = np.clip(np.round((start0 + size) * scale).astype(np.int64), 0, limit)
+        return a, np.maximum(b, np.minimum(a + 1, limit))
+
+    x0, x1 = span(coords[0, :, 0], thumb.scale_x, mask.shape[1])
+    y0, y1 = span(coords[:, 0, 1], thumb.scale_y, mask.shape[0])
+    Y0, X0 = np.meshgrid(y0, x0, indexing="ij")
+    Y1, X1 = np.meshgrid(y1, x1, indexing="ij")
+    total = integral[Y1, X1] - integral[Y0, X1] - integral[Y1, X0] + integral[Y0, X0]
+    area = np.maximum((Y1 - Y0) * (X1 - X0), 1)
+    return (total / area).astype(np.float32)
