@@ -111,7 +111,7 @@ def _tiles(
     boxes: Sequence[Box] | None,
     glass: np.ndarray,
 ) -> Iterator[np.ndarray]:
-    """Yield the level's tiles row by row (full tiles; tifffile crops the edges)."""
+    """Yield the level's tiles row by row; edge tiles are full size (TIFF pads them anyway)."""
     f = 4**level
     for ty, y0 in enumerate(range(0, shape[0], tile)):
         for tx, x0 in enumerate(range(0, shape[1], tile)):
@@ -128,7 +128,8 @@ def _tiles(
             else:
                 out[:] = GLASS
             if cov is not None:
-                _fill_mosaic(tissue := np.empty_like(out), patch, table, x0, y0)
+                tissue = np.empty_like(out)
+                _fill_mosaic(tissue, patch, table, x0, y0)
                 c = cov[..., None]
                 out[:] = np.rint(tissue * c + out * (1.0 - c)).astype(np.uint8)
             yield out
@@ -175,11 +176,12 @@ def make_slide(
         raise ValueError(f"tile must be a multiple of 16 (JPEG 4:2:0), got {tile}")
     if write_mpp and not mpp > 0:
         raise ValueError(f"mpp must be > 0, got {mpp}")
-    boxes = None
+    boxes: list[Box] | None = None
     if tissue_boxes is not None:
-        boxes = [tuple(int(v) for v in b) for b in tissue_boxes]
-        if any(len(b) != 4 or b[0] >= b[2] or b[1] >= b[3] for b in boxes):
+        ok = all(len(b) == 4 and b[0] < b[2] and b[1] < b[3] for b in tissue_boxes)
+        if not ok:
             raise ValueError(f"tissue boxes must be (x0, y0, x1, y1) with x0 < x1, y0 < y1: {tissue_boxes}")
+        boxes = [(int(b[0]), int(b[1]), int(b[2]), int(b[3])) for b in tissue_boxes]
     crop = WHOLE_CROP if boxes is None else TISSUE_CROP
     patches = _source_levels(Path(source).resolve(), crop)
     rng = np.random.default_rng(seed)
@@ -230,8 +232,8 @@ def make_biopsies(
     for i in range(n):
         boxes = []
         for _ in range(rng.integers(1, 4)):
-            bw = int(rng.integers(width // 8, width // 2 + 1))
-            bh = int(rng.integers(height // 8, height // 2 + 1))
+            bw = int(rng.integers(max(1, width // 8), max(1, width // 2) + 1))
+            bh = int(rng.integers(max(1, height // 8), max(1, height // 2) + 1))
             x0 = int(rng.integers(0, width - bw + 1))
             y0 = int(rng.integers(0, height - bh + 1))
             boxes.append((x0, y0, x0 + bw, y0 + bh))

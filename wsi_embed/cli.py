@@ -26,6 +26,8 @@ RANDOM_BANNER = """\
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:  # readers' own chatter about damaged files; our error line says it plainly
+        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -41,6 +43,7 @@ def info(slide: Path = typer.Argument(..., help="Slide file."),
     """Level-0 size, levels, downsamples, mpp and its source, vendor and objective power."""
     from .slide import describe, open_slide, resolve_mpp
 
+    _setup_logging(False)
     try:
         with open_slide(slide, backend=backend) as s:
             try:

@@ -43,5 +43,9 @@ class IncompleteStore(WsiEmbedError, ValueError):
     pass
 
 
+class StoreConflict(WsiEmbedError, FileExistsError):
+    """A store exists for this slide with other grid settings."""
+
+
 class InvalidOption(WsiEmbedError, ValueError):
     pass

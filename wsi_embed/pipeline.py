@@ -13,7 +13,11 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import InvalidOption, WsiEmbedError
+from .errors import (InvalidOption, OutputNotWritable, StoreConflict, UnknownModel, WeightsMismatch,
+                     WeightsUnavailable, WsiEmbedError)
+
+# Errors that concern the whole run, not one slide: they stop it instead of failing a slide.
+_EVERY_SLIDE = (WeightsUnavailable, WeightsMismatch, UnknownModel, InvalidOption, OutputNotWritable)
 from .grid import Grid, GridSpec, plan_grid, plan_regions
 from .infer import EncoderRunner, select_device, select_precision
 from .loader import EndOfSlide, RegionBatch, default_workers, make_loader, region_task, release_handles
@@ -153,6 +157,11 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
     return run, tasks
 
 
+def _preflight(job: SlideJob, opts: EmbedOptions) -> None:
+    with open_slide(job.path, backend=opts.backend) as slide:
+        resolve_mpp(slide, job.slide_mpp)
+
+
 def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run: _SlideRun):
     info = describe(slide, mpp)
     grid = plan_grid(opts.grid, slide_mpp=mpp.mpp, level_dimensions=slide.level_dimensions,
@@ -187,7 +196,7 @@ def _reuse_geometry(writer: StoreWriter, opts: EmbedOptions, final: Path):
     wanted = (opts.grid.mpp, opts.grid.patch_px, opts.grid.stride, opts.min_tissue)
     have = (g["target_mpp"], g["patch_px"], g["stride_px"], root.attrs["tissue"]["min_tissue"])
     if not all(math.isclose(a, b) for a, b in zip(wanted, have)):
-        raise InvalidOption(
+        raise StoreConflict(
             f"{final}: exists with another grid (mpp, patch, stride, min-tissue = {have}, asked {wanted}); "
             "use --overwrite to rebuild it or choose another --out")
     fields = {k: g[k] for k in Grid.__dataclass_fields__}
@@ -248,9 +257,12 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                     str(job.path), job.slide_id, "skipped", encoders=list(models_.names),
                     store=str(store_path(out_dir, job.slide_id))))
             else:
-                encoders = models_.load()  # errors here concern every slide: let them raise
                 try:
+                    _preflight(job, opts)  # a bad slide fails fast, before any model is loaded
+                    encoders = models_.load()  # errors here concern every slide: they raise
                     run, tasks = _prepare(job, key, out_dir, encoders, opts)
+                except _EVERY_SLIDE:
+                    raise
                 except WsiEmbedError as exc:
                     error = str(exc)
                 except Exception as exc:  # one slide's unexpected failure must not stop the cohort

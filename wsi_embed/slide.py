@@ -208,12 +208,77 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto") -> Slide:
         if slide.level_count < 1 or min(slide.dimensions) < 1:
             raise ValueError("no image levels")
     except Exception as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+        if _looks_like_tiff(path) or path.stat().st_size == 0:
+            raise UnreadableSlide(
+                f"{path}: the slide file is truncated or corrupt ({detail}); re-copy or re-export it"
+            ) from exc
+        other = "tiffslide" if backend == "openslide" else "openslide"
         raise UnreadableSlide(
-            f"{path}: not a whole-slide image that {backend} can read ({type(exc).__name__}: {exc}); "
-            "pass a slide file (.svs, .tif, .ndpi, .mrxs, ...) or try --backend "
-            f"{'tiffslide' if backend == 'openslide' else 'openslide'}"
+            f"{path}: not a whole-slide image that {backend} can read ({detail}); "
+            f"pass a slide file (.svs, .tif, .ndpi, .mrxs, ...) or try --backend {other}"
         ) from exc
+    damage = tiff_damage(path) if _looks_like_tiff(path) else None
+    if damage:
+        slide.close()
+        raise UnreadableSlide(f"{path}: the slide file is truncated or corrupt ({damage}); re-copy or re-export it")
     return slide
+
+
+def tiff_damage(path: Path) -> str | None:
+    """Why a TIFF-family file is damaged, or None: a directory or tile data past the end of the file.
+
+    An interrupted copy often keeps the first levels readable; embedding it anyway would hide the
+    damage, so it is reported up front.
+    """
+    import struct
+
+    size = path.stat().st_size
+    if path.suffix.lower() != ".ndpi":  # NDPI bends the TIFF offset rules; tifffile handles it below
+        with open(path, "rb") as f:
+            head = f.read(16)
+            order = "<" if head[:2] == b"II" else ">"
+            big = struct.unpack(order + "H", head[2:4])[0] == 43
+            count_fmt, entry, off_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+            offset = struct.unpack(order + off_fmt, head[8:16] if big else head[4:8])[0]
+            seen: set[int] = set()
+            while offset:
+                if offset in seen:
+                    return f"directory loop at byte {offset}"
+                seen.add(offset)
+                f.seek(offset)
+                raw = f.read(struct.calcsize(count_fmt))
+                if len(raw) < struct.calcsize(count_fmt):
+                    return f"image directory at byte {offset} lies past the end of the file ({size} bytes)"
+                n = struct.unpack(order + count_fmt, raw)[0]
+                f.seek(offset + len(raw) + n * entry)
+                raw = f.read(struct.calcsize(off_fmt))
+                if len(raw) < struct.calcsize(off_fmt):
+                    return f"image directory at byte {offset} is cut short (file is {size} bytes)"
+                offset = struct.unpack(order + off_fmt, raw)[0]
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            for i, page in enumerate(tf.pages):
+                ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if o]
+                if ends and max(ends) > size:
+                    return f"image {i} has data past the end of the file ({max(ends)} > {size} bytes)"
+    except Exception as exc:  # tifffile cannot parse what openslide/tiffslide opened: leave it to them
+        log.debug("tifffile integrity check skipped for %s: %s", path, exc)
+    return None
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _looks_like_tiff(path: Path) -> bool:
+    """SVS, NDPI, generic TIFF... all start with a TIFF header; a damaged one still does."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
 
 
 def resolve_mpp(slide: Slide, override: float | None = None) -> MppInfo:

@@ -111,6 +111,7 @@ def fitting_models(sd: Mapping[str, torch.Tensor]) -> list[EncoderConfig]:
 
 
 def _examples(items: list[str]) -> str:
+    items = sorted(items, key=lambda k: (k.count("."), k))  # top-level keys say most
     shown = ", ".join(items[:SHOW])
     return shown + (f", ... ({len(items) - SHOW} more)" if len(items) > SHOW else "")
 

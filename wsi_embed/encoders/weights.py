@@ -210,11 +210,15 @@ def _timm_pretrained(cfg: EncoderConfig, spec: str) -> tuple[nn.Module, WeightsI
         except fetch.Unreachable as e:
             raise WeightsUnavailable(timm_offline_message(cfg, tname, probe, str(e))) from None
     try:
-        module = timm.create_model(tname, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay)
+        # Not num_classes=0 here: timm then loads with strict=False and would only log
+        # missing keys. Load strictly with the published head, then drop it.
+        module = timm.create_model(tname, pretrained=True, pretrained_cfg_overlay=overlay)
+        module.reset_classifier(0)
     except RuntimeError as e:
+        detail = _one_line(str(e))
         if cached is not None:
-            raise WeightsMismatch(f"{cached} (timm's cached weights) does not fit {cfg.name}: {e}") from None
-        raise WeightsUnavailable(f"timm could not load pretrained weights for {cfg.name}: {e}") from None
+            raise WeightsMismatch(f"{cached} (timm's cached weights) does not fit {cfg.name}: {detail}") from None
+        raise WeightsUnavailable(f"timm could not load pretrained weights for {cfg.name}: {detail}") from None
     except Exception as e:  # noqa: BLE001 - hub/network errors of many kinds
         raise WeightsUnavailable(
             f"timm could not load pretrained weights for {cfg.name} ({type(e).__name__}: {e}); "
@@ -225,6 +229,11 @@ def _timm_pretrained(cfg: EncoderConfig, spec: str) -> tuple[nn.Module, WeightsI
         spec, "timm-pretrained", str(path) if path else None, cfg.weights_url,
         sha256_file(path) if path else None,
     )
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _timm_probe_url(pcfg: dict[str, Any]) -> str | None:
