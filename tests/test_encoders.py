@@ -165,6 +165,8 @@ def test_unknown_model_messages():
     assert "wsi-embed models" in msg
     with pytest.raises(UnknownModel, match="no_such_timm_model"):
         get_config("timm:no_such_timm_model")
+    with pytest.raises(UnknownModel, match="unsupported timm model name"):
+        get_config("timm:hf-hub:timm/resnet18.a1_in1k")  # would fetch a config over the network
 
 
 # --- published files through `auto` -----------------------------------------------

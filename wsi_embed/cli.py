@@ -10,7 +10,9 @@ from typing import List, Optional
 
 import typer
 
-from .errors import WsiEmbedError
+from .errors import WeightsUnavailable, WsiEmbedError
+
+EXIT_FAILED, EXIT_WEIGHTS_UNAVAILABLE = 1, 3
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Whole-slide images in, per-slide embedding grids (Zarr v3) out.")
@@ -30,7 +32,7 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = EXIT_FAILED) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -133,6 +135,8 @@ def embed(
                 typer.echo(f"        store {result.store}")
                 if result.qc:
                     typer.echo(f"        qc    {result.qc}")
+    except WeightsUnavailable as exc:
+        _fail(str(exc), EXIT_WEIGHTS_UNAVAILABLE)
     except WsiEmbedError as exc:
         _fail(str(exc))
     if failed:

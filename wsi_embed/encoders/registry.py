@@ -191,6 +191,14 @@ def _timm_config(tname: str) -> EncoderConfig:
     import timm
     import torch
 
+    if not tname or ":" in tname:
+        # "hf-hub:..." / "local-dir:..." would make timm fetch a config over the
+        # network (with long retries) just to build the architecture.
+        raise UnknownModel(
+            f"unsupported timm model name {tname!r} (from 'timm:{tname}'): give a name from "
+            "timm's own registry (timm.list_models()), e.g. timm:vit_small_patch16_224, and "
+            f"load other weights with --weights PATH. {_valid_names_hint()}"
+        )
     try:
         # Built on the meta device: no memory, no init cost, no download.
         with torch.device("meta"):
