@@ -18,7 +18,7 @@ from .errors import (InvalidOption, OutputNotWritable, StoreConflict, UnknownMod
 
 # Errors that concern the whole run, not one slide: they stop it instead of failing a slide.
 _EVERY_SLIDE = (WeightsUnavailable, WeightsMismatch, UnknownModel, InvalidOption, OutputNotWritable)
-from .grid import Grid, GridSpec, plan_grid, plan_regions
+from .grid import Grid, GridSpec, choose_block, plan_grid, plan_regions
 from .infer import EncoderRunner, select_device, select_precision
 from .loader import EndOfSlide, RegionBatch, default_workers, make_loader, region_task, release_handles
 from .qc import render_qc, write_png_atomic
@@ -37,7 +37,8 @@ class EmbedOptions:
     tissue: TissueParams = field(default_factory=TissueParams)
     backend: str = "auto"
     dtype: str = "float16"
-    block: int = 8  # cells per region side; also the Zarr chunk side
+    block: int | None = None  # cells per region side (and Zarr chunk side); None: tile-aligned
+    max_patches: int | None = None  # embed only the first N tissue cells (benchmarks)
     workers: int | None = None  # None: cores - 1
     batch_size: int = 64
     device: str = "auto"
@@ -108,6 +109,21 @@ class _SlideRun:
     regions: dict = field(default_factory=dict)  # region index -> _RegionBuffer
     qc_image: object | None = None
     failed: bool = False
+    block: int = 8
+
+
+@dataclass
+class RunStats:
+    """Where the time went in one ``embed_slides`` call (filled in place; for benchmarks)."""
+
+    patches: int = 0
+    batches: int = 0
+    wait_s: float = 0.0  # the model side waiting for the loader
+    total_s: float = 0.0
+
+    @property
+    def loader_wait_fraction(self) -> float:
+        return self.wait_s / self.total_s if self.total_s else 0.0
 
 
 @dataclass
@@ -135,10 +151,11 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
         else:
             grid, mask = _new_geometry(slide, mpp, job, writer, opts, run)
         backend = slide.backend
+        tile = slide.tile_size(grid.level)
     finally:
         slide.close()
     run.writer, run.grid = writer, grid
-    chunk = opts.block
+    run.block = chunk = _block(opts, grid, tile, writer if append else None)
     for enc in encoders:
         if enc.config.name not in todo:
             continue
@@ -147,7 +164,7 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
                  "input_resize": f"{grid.read_px}px read -> {enc.config.input_size}px encoder input"}
         run.groups[enc.config.name] = writer.add_encoder(
             enc.config.name, dim=enc.config.dim, dtype=opts.dtype, chunk=chunk, attrs=attrs)
-    regions = plan_regions(grid, mask, opts.block)
+    regions = plan_regions(grid, mask, chunk)
     for region in regions:
         blocks = {n: None for n in run.groups}
         run.regions[region.index] = _RegionBuffer(region.r0, region.c0, region.cells, blocks, len(region.cells))
@@ -155,6 +172,12 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
     run.result.encoders = list(run.groups)
     tasks = [region_task(key, str(job.path), backend, grid, r) for r in regions]
     return run, tasks
+
+
+def _block(opts: EmbedOptions, grid: Grid, tile, existing: StoreWriter | None) -> int:
+    if existing is not None:  # regions must match the chunks of the store being added to
+        return int(existing.open_existing()["mask"].chunks[0])
+    return opts.block or choose_block(grid, tile[0] if tile else None)
 
 
 def _preflight(job: SlideJob, opts: EmbedOptions) -> None:
@@ -170,6 +193,10 @@ def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run:
     tissue_mask = detect_tissue(thumb, opts.tissue)
     fraction = cell_tissue_fraction(tissue_mask, thumb, grid)
     mask = fraction >= opts.min_tissue
+    if opts.max_patches is not None:  # benchmarks: keep the first N tissue cells, row-major
+        keep = np.flatnonzero(mask)[: opts.max_patches]
+        mask = np.zeros_like(mask)
+        mask.flat[keep] = True
     coords = grid.coords()
     attrs = {
         "slide": {**info.to_dict(), "slide_id": job.slide_id},
@@ -178,10 +205,12 @@ def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run:
                    "thumbnail_mpp": [thumb.mpp_x, thumb.mpp_y],
                    "thumbnail_scale": [thumb.scale_x, thumb.scale_y],
                    "tissue_area_mm2": float(tissue_mask.sum() * thumb.mpp_x * thumb.mpp_y / 1e6),
-                   "cells_embedded": int(mask.sum())},
+                   "cells_embedded": int(mask.sum()), "max_patches": opts.max_patches},
     }
+    tile = slide.tile_size(grid.level)
     writer.create(attrs=attrs, mask=mask, tissue_fraction=fraction, coords=coords,
-                  thumbnail=thumb.image, tissue_mask=tissue_mask, chunk=opts.block)
+                  thumbnail=thumb.image, tissue_mask=tissue_mask,
+                  chunk=opts.block or choose_block(grid, tile[0] if tile else None))
     if opts.qc:
         title = (f"{job.slide_id}: {int(mask.sum())} cells embedded (blue), tissue contour (green); "
                  f"{grid.patch_px}px @ {grid.target_mpp:g} um/px, min tissue {opts.min_tissue:g}")
@@ -235,7 +264,8 @@ class _Models:
 
 
 def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence = ("lunit-bt-rn50",),
-                 weights: str = "auto", options: EmbedOptions = EmbedOptions()) -> Iterator[SlideResult]:
+                 weights: str = "auto", options: EmbedOptions = EmbedOptions(),
+                 stats: RunStats | None = None) -> Iterator[SlideResult]:
     """Embed slides one after another through one loader; yields a result per slide, in order.
 
     A slide that fails is reported with ``status="failed"`` and leaves nothing behind; the others go
@@ -278,8 +308,16 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
     workers = default_workers() if opts.workers is None else opts.workers
     loader = make_loader(feed(), workers=workers, pin_memory=device.type == "cuda")
     pending: list[tuple[torch.Tensor, list]] = []  # (patches on device, [(region, cell index)])
+    stats = stats if stats is not None else RunStats()
+    started = time.perf_counter()
+    items = iter(loader)
     try:
-        for item in loader:
+        while True:
+            t0 = time.perf_counter()
+            item = next(items, None)
+            stats.wait_s += time.perf_counter() - t0
+            if item is None:
+                break
             run = runs[item.slide_key]
             if isinstance(item, EndOfSlide):
                 yield _finish(run, pending, models_.runners, opts, precision)
@@ -290,11 +328,13 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
             if item.error:
                 _fail(run, item.error, pending)
                 continue
+            stats.patches += item.patches.shape[0]
             patches = item.patches.to(device, non_blocking=True)
             pending.append((patches, [(item.region, i) for i in range(patches.shape[0])]))
             if sum(p.shape[0] for p, _ in pending) >= opts.batch_size:
                 _run_batches(run, pending, models_.runners, opts, flush=False)
     finally:
+        stats.total_s = time.perf_counter() - started
         for run in runs.values():
             if run.writer is not None and run.result.status != "done":
                 run.writer.abort()
@@ -335,8 +375,8 @@ def _store_row(run: _SlideRun, region: int, i: int, rows: dict, opts: EmbedOptio
     for name, vec in rows.items():
         block = buf.blocks.get(name)
         if block is None:
-            h = min(opts.block, run.grid.rows - buf.r0)
-            w = min(opts.block, run.grid.cols - buf.c0)
+            h = min(run.block, run.grid.rows - buf.r0)
+            w = min(run.block, run.grid.cols - buf.c0)
             block = buf.blocks[name] = np.full((h, w, vec.shape[0]), np.nan, dtype=np.float32)
         block[r - buf.r0, c - buf.c0] = vec
     buf.remaining -= 1

@@ -31,6 +31,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _reason(e: Exception) -> str:
+    # torch's weights_only message is a long advert for weights_only=False; the
+    # actual cause follows "WeightsUnpickler error:".
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
 def _is_state_dict(obj: object) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
@@ -47,11 +57,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        first = (str(e).strip().splitlines() or [""])[0]
         raise WeightsMismatch(
-            f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {first}). "
-            "Expected a state dict saved with torch.save (loaded with weights_only=True) "
-            "or a .safetensors file."
+            f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {_reason(e)}). "
+            "Expected a state dict saved with torch.save (read with weights_only=True, so no "
+            "pickled Python objects) or a .safetensors file; for a full training checkpoint, "
+            "re-save just its state dict."
         ) from None
     if not _is_state_dict(obj) and isinstance(obj, Mapping):
         for key in WRAPPER_KEYS:
