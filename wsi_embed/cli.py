@@ -21,7 +21,7 @@ RANDOM_BANNER = """\
 ================================================================================
   RANDOM WEIGHTS: the encoder is randomly initialised. These embeddings are
   meaningless for research; use them only to try the pipeline. The store
-  records weights.random = true.
+  records weights_random = true.
 ================================================================================"""
 
 
