@@ -43,7 +43,12 @@ is_up() {
     pid_alive "$MUNGE_DIR/munged.pid" || return 1
     pid_alive "$DIR/slurmctld.pid" || return 1
     pid_alive "$DIR/slurmd.pid" || return 1
-    case "$(node_state)" in
+    node_ready "$(node_state)"
+}
+
+node_ready() { # sinfo %t state; a trailing '*' means slurmd is not responding (yet)
+    case "$1" in
+        *'*'*) return 1 ;;
         idle* | mix* | alloc* | comp*) return 0 ;;
         *) return 1 ;;
     esac
@@ -160,22 +165,26 @@ PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
-stop_pid() { # pidfile name
-    local pidfile="$1" name="$2" pid i
-    [[ -s "$pidfile" ]] || return 0
-    pid="$(cat "$pidfile")"
-    if kill -0 "$pid" 2>/dev/null; then
-        kill "$pid" 2>/dev/null || true
+stop_pids() { # pidfile... : SIGTERM all, wait up to 10 s, then SIGKILL
+    local f pid i pids=()
+    for f in "$@"; do
+        if pid_alive "$f"; then
+            pid="$(cat "$f")"
+            kill "$pid" 2>/dev/null || true
+            pids+=("$pid")
+        fi
+    done
+    for pid in ${pids[@]+"${pids[@]}"}; do
         for i in $(seq 1 100); do
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
         done
         if kill -0 "$pid" 2>/dev/null; then
-            log "$name ($pid) did not stop; sending SIGKILL"
+            log "pid $pid did not stop; sending SIGKILL"
             kill -9 "$pid" 2>/dev/null || true
         fi
-    fi
-    rm -f "$pidfile"
+    done
+    rm -f "$@"
 }
 
 cmd_down() {
@@ -183,9 +192,7 @@ cmd_down() {
         # cancel leftover jobs so slurmstepd / job processes go away with the cluster
         SLURM_CONF="$CONF" timeout 10 scancel --full --quiet -p "$PARTITION" 2>/dev/null || true
     fi
-    stop_pid "$DIR/slurmd.pid" slurmd
-    stop_pid "$DIR/slurmctld.pid" slurmctld
-    stop_pid "$MUNGE_DIR/munged.pid" munged
+    stop_pids "$DIR/slurmd.pid" "$DIR/slurmctld.pid" "$MUNGE_DIR/munged.pid"
     rm -rf "$DIR"
     log "down"
 }
@@ -199,6 +206,21 @@ cmd_up() {
     if [[ $EUID -ne 0 ]]; then
         log "must run as root"
         exit 1
+    fi
+    # daemons alive but node down/drained: try to resume it in place
+    if [[ -f "$CONF" ]] && pid_alive "$MUNGE_DIR/munged.pid" &&
+        pid_alive "$DIR/slurmctld.pid" && pid_alive "$DIR/slurmd.pid"; then
+        log "node $NODE is '$(node_state)'; resuming"
+        SLURM_CONF="$CONF" scontrol update nodename="$NODE" state=resume >&2 2>/dev/null || true
+        local i
+        for i in $(seq 1 20); do
+            if is_up; then
+                log "up: node $NODE $(node_state)"
+                print_env
+                return 0
+            fi
+            sleep 0.5
+        done
     fi
     install_packages
     # stale / partial state from an earlier run: start from scratch
@@ -225,8 +247,10 @@ cmd_up() {
     local state
     while :; do
         state="$(node_state)"
+        if node_ready "$state"; then
+            break
+        fi
         case "$state" in
-            idle* | mix*) break ;;
             down* | drain* | drng* | fail*)
                 if pid_alive "$DIR/slurmd.pid"; then
                     scontrol update nodename="$NODE" state=resume >&2 2>/dev/null || true

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -29,7 +30,12 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not verbose:  # readers' own chatter about damaged files; our error line says it plainly
-        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+        for name in ("tifffile", "asyncio"):  # tiffslide reads tiles through zarr's asyncio loop
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
+        # after a decode error, tiffslide's pending zarr coroutines are collected at exit and
+        # Python would print their tracebacks; the error line already said what happened
+        sys.unraisablehook = lambda u: logging.getLogger(__name__).debug("cleanup: %r", u.exc_value)
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> None:
@@ -89,8 +95,11 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print a JSON list
 
 @app.command()
 def embed(
-    slides: List[Path] = typer.Argument(..., help="Slide files."),
+    slides: Optional[List[Path]] = typer.Argument(
+        None, help="Slide files, or directories searched recursively for slides (svs, tif, ndpi, mrxs, ...)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory; one <slide_id>.zarr per slide."),
+    slide_list: Optional[Path] = typer.Option(
+        None, "--list", help="CSV (columns path[, mpp, slide_id]) or TXT (one path per line) of slides."),
     model: str = typer.Option("lunit-bt-rn50", "--model", "-m",
                               help="Encoder name(s), comma-separated (see `wsi-embed models`)."),
     weights: str = typer.Option("auto", help="auto | random | PATH | URL"),
@@ -107,40 +116,123 @@ def embed(
     dtype: str = typer.Option("float16", help="Stored embedding dtype: float16 | float32"),
     overwrite: bool = typer.Option(False, help="Redo slides whose stores are already complete."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder (CUDA)."),
+    shard: Optional[str] = typer.Option(
+        None, help="Embed one part of the cohort: i/N (0 <= i < N), or 'slurm' in a SLURM job array."),
+    manifest: Optional[Path] = typer.Option(
+        None, help="Run manifest, one row per slide (default <out>/manifest.csv; .jsonl for JSON lines)."),
+    lock_stale_after: float = typer.Option(
+        3600.0, help="Seconds after which a lock held by another host, not refreshed, counts as stale."),
+    cluster: Optional[str] = typer.Option(
+        None, help="Run with dask: 'local' (this machine), 'slurm' (dask-jobqueue) or a scheduler address."),
+    cluster_workers: Optional[int] = typer.Option(
+        None, help="dask workers: local CPU workers (default: cores) or SLURM jobs (default --slurm-jobs)."),
+    cluster_config: Optional[Path] = typer.Option(
+        None, help="JSON/YAML file of SLURM settings (queue, walltime, gres, cores, memory, jobs, account, ...)."),
+    slurm_queue: Optional[str] = typer.Option(None, help="SLURM partition for --cluster slurm."),
+    slurm_walltime: Optional[str] = typer.Option(None, help="SLURM time limit per job, HH:MM:SS."),
+    slurm_gres: Optional[str] = typer.Option(None, help="SLURM generic resources per job, e.g. gpu:1."),
+    slurm_cores: Optional[int] = typer.Option(None, help="CPUs per SLURM job."),
+    slurm_memory: Optional[str] = typer.Option(None, help="Memory per SLURM job, e.g. 16GB."),
+    slurm_jobs: Optional[int] = typer.Option(None, help="Number of SLURM jobs (dask workers)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """Embed slides: tissue detection, grid at --mpp, encoder, one Zarr store and QC picture per slide."""
+    """Embed slides: tissue detection, grid at --mpp, encoder, one Zarr store and QC picture per slide.
+
+    Directories are searched recursively; reruns skip complete stores; a manifest row per slide
+    goes to <out>/manifest.csv. Exit status 1 when any slide failed."""
     _setup_logging(verbose)
+    from .cohort import embed_cohort, parse_shard, plan_cohort
+    from .cohort.dask_driver import SlurmSettings
+    from .cohort.progress import Progress
     from .grid import GridSpec
-    from .pipeline import EmbedOptions, SlideJob, embed_slides, slide_id_for
+    from .pipeline import EmbedOptions
 
     try:
         options = EmbedOptions(
             grid=GridSpec(mpp=mpp, patch_px=patch_size, stride_px=stride), min_tissue=min_tissue,
             backend=backend, dtype=dtype, workers=workers, batch_size=batch_size, device=device,
-            precision=precision, compile=compile, overwrite=overwrite)
+            precision=precision, compile=compile, overwrite=overwrite, lock_stale_after=lock_stale_after)
         models_ = [m.strip() for m in model.split(",") if m.strip()]
+        if not slides and slide_list is None:
+            _fail("no slides given: pass slide files or directories, or --list FILE")
+        jobs = plan_cohort(slides or [], slide_list, slide_mpp=slide_mpp, shard=parse_shard(shard))
+        slurm = SlurmSettings.from_file(cluster_config) if cluster_config else SlurmSettings()
+        slurm = slurm.merged(queue=slurm_queue, walltime=slurm_walltime, gres=slurm_gres, cores=slurm_cores,
+                             memory=slurm_memory, jobs=slurm_jobs)
+        if cluster and not verbose:  # distributed sets its loggers to INFO when imported
+            import distributed  # noqa: F401
+
+            logging.getLogger("distributed").setLevel(logging.WARNING)
         if weights == "random":
             typer.echo(RANDOM_BANNER, err=True)
-        jobs = [SlideJob(Path(p), slide_id_for(Path(p)), slide_mpp) for p in slides]
-        failed = 0
-        for result in embed_slides(jobs, out, models_, weights, options):
-            if result.status == "failed":
-                failed += 1
-                typer.echo(f"error: {result.error}", err=True)
-            elif result.status == "skipped":
-                typer.echo(f"skipped {result.slide_id}: complete store at {result.store}")
-            else:
-                typer.echo(f"done    {result.slide_id}: {result.cells} cells in {result.seconds:.1f} s")
-                typer.echo(f"        store {result.store}")
-                if result.qc:
-                    typer.echo(f"        qc    {result.qc}")
+        progress = Progress(len(jobs))
+        try:
+            summary = embed_cohort(jobs, out, models_, weights, options, cluster=cluster, slurm=slurm,
+                                   n_workers=cluster_workers, manifest=manifest,
+                                   on_result=lambda r: progress.result(r, _result_lines(r)),
+                                   progress=progress.cells)
+        finally:
+            progress.close()
     except WeightsUnavailable as exc:
         _fail(str(exc), EXIT_WEIGHTS_UNAVAILABLE)
     except WsiEmbedError as exc:
         _fail(str(exc))
-    if failed:
-        raise typer.Exit(1)
+    typer.echo(f"summary: {summary.line()}; manifest {summary.manifest}")
+    if not summary.ok:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _result_lines(result) -> list[str]:
+    if result.status == "failed":
+        return [f"error: {result.error}"]
+    if result.status == "skipped":
+        why = f"complete store at {result.store}" if result.note == "complete" else result.note
+        return [f"skipped {result.slide_id}: {why}"]
+    lines = [f"done    {result.slide_id}: {result.cells} cells in {result.seconds:.1f} s",
+             f"        store {result.store}"]
+    if result.qc:
+        lines.append(f"        qc    {result.qc}")
+    return lines
+
+
+@app.command()
+def bench(
+    target: Path = typer.Argument(..., help="A slide, or a directory of slides (per-slide overhead)."),
+    model: str = typer.Option("lunit-bt-rn50", "--model", "-m"),
+    weights: str = typer.Option("random", help="Speed does not depend on the weights: random by default."),
+    batch_size: int = typer.Option(64),
+    workers: Optional[int] = typer.Option(None, help="Loader processes (default: cores - 1)."),
+    device: str = typer.Option("auto"),
+    precision: str = typer.Option("auto"),
+    mpp: float = typer.Option(0.5),
+    patch_size: int = typer.Option(224),
+    max_patches: int = typer.Option(512, help="Patches per phase (0: all)."),
+    naive_patches: int = typer.Option(128, help="Patches for the naive per-patch baseline (0: skip)."),
+    compile: bool = typer.Option(False, "--compile"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Loader-only, model-only and end-to-end patches/s, loader wait, peak RSS and GPU memory."""
+    _setup_logging(False)
+    from .bench import run_bench
+    from .grid import GridSpec
+    from .pipeline import EmbedOptions
+
+    try:
+        if not target.exists():
+            _fail(f"{target}: no such file or directory; check the path")
+        opts = EmbedOptions(grid=GridSpec(mpp=mpp, patch_px=patch_size), workers=workers,
+                            batch_size=batch_size, device=device, precision=precision, compile=compile)
+        result = run_bench(target, model=model, weights=weights, options=opts,
+                           max_patches=max_patches or None, naive_patches=naive_patches)
+    except WsiEmbedError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for key, value in result.items():
+        if key != "machine":
+            typer.echo(f"{key:<28} {value}")
+    typer.echo(f"{'machine':<28} {json.dumps(result['machine'])}")
 
 
 def main() -> None:

@@ -148,7 +148,7 @@ def _worker_init(_: int) -> None:
 
 def default_workers() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1))
+    return max(1, min(16, cores - 1))  # one core stays with the main process (model, writer)
 
 
 def make_loader(tasks: Iterator, *, workers: int, pin_memory: bool, prefetch: int = 4) -> DataLoader:

@@ -8,7 +8,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ _EVERY_SLIDE = (WeightsUnavailable, WeightsMismatch, UnknownModel, InvalidOption
 from .grid import Grid, GridSpec, choose_block, plan_grid, plan_regions
 from .infer import EncoderRunner, select_device, select_precision
 from .loader import EndOfSlide, RegionBatch, default_workers, make_loader, region_task, release_handles
+from .locks import DEFAULT_STALE_AFTER, LockLost, try_lock
 from .qc import render_qc, write_png_atomic
 from .slide import describe, open_slide, resolve_mpp
 from .store import (EMBEDDING_DTYPES, StoreWriter, completed_encoders, ensure_writable, group_name,
@@ -46,6 +47,7 @@ class EmbedOptions:
     compile: bool = False
     overwrite: bool = False
     qc: bool = True
+    lock_stale_after: float = DEFAULT_STALE_AFTER  # s before another host's unrefreshed lock is stale
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_tissue <= 1.0:
@@ -76,6 +78,7 @@ class SlideResult:
     encoders: list[str] = field(default_factory=list)
     store: str | None = None
     qc: str | None = None
+    note: str | None = None  # why a slide was skipped: "complete" or "locked by host:pid"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +113,8 @@ class _SlideRun:
     qc_image: object | None = None
     failed: bool = False
     block: int = 8
+    lock: object | None = None  # SlideLock held while this slide is being embedded
+    cells_done: int = 0
 
 
 @dataclass
@@ -148,14 +153,14 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
         writer = StoreWriter(final, append=append)
         if append:
             grid, mask = _reuse_geometry(writer, opts, final)
+            block = int(writer.open_existing()["mask"].chunks[0])  # regions must match its chunks
         else:
-            grid, mask = _new_geometry(slide, mpp, job, writer, opts, run)
+            grid, mask, block = _new_geometry(slide, mpp, job, writer, opts, run)
         backend = slide.backend
-        tile = slide.tile_size(grid.level)
     finally:
         slide.close()
-    run.writer, run.grid = writer, grid
-    run.block = chunk = _block(opts, grid, tile, writer if append else None)
+    run.writer, run.grid, run.block = writer, grid, block
+    chunk = block
     for enc in encoders:
         if enc.config.name not in todo:
             continue
@@ -174,18 +179,26 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
     return run, tasks
 
 
-def _block(opts: EmbedOptions, grid: Grid, tile, existing: StoreWriter | None) -> int:
-    if existing is not None:  # regions must match the chunks of the store being added to
-        return int(existing.open_existing()["mask"].chunks[0])
-    return opts.block or choose_block(grid, tile[0] if tile else None)
-
-
 def _preflight(job: SlideJob, opts: EmbedOptions) -> None:
     with open_slide(job.path, backend=opts.backend) as slide:
         resolve_mpp(slide, job.slide_mpp)
 
 
-def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run: _SlideRun):
+@dataclass
+class SlideGeometry:
+    """Everything known about a slide before any patch is read."""
+
+    info: object  # SlideInfo
+    grid: Grid
+    thumb: object  # Thumbnail
+    tissue_mask: np.ndarray
+    fraction: np.ndarray
+    mask: np.ndarray  # cells to embed
+    block: int
+
+
+def analyse_slide(slide, mpp, opts: EmbedOptions) -> SlideGeometry:
+    """Resolution, grid, tissue and the cells to embed (no store is touched)."""
     info = describe(slide, mpp)
     grid = plan_grid(opts.grid, slide_mpp=mpp.mpp, level_dimensions=slide.level_dimensions,
                      level_downsamples=slide.level_downsamples, bounds=slide.bounds)
@@ -197,26 +210,32 @@ def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run:
         keep = np.flatnonzero(mask)[: opts.max_patches]
         mask = np.zeros_like(mask)
         mask.flat[keep] = True
+    tile = slide.tile_size(grid.level)
+    block = opts.block or choose_block(grid, tile[0] if tile else None)
+    return SlideGeometry(info, grid, thumb, tissue_mask, fraction, mask, block)
+
+
+def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run: _SlideRun):
+    geo = analyse_slide(slide, mpp, opts)
+    grid, thumb, mask, tissue_mask = geo.grid, geo.thumb, geo.mask, geo.tissue_mask
     coords = grid.coords()
     attrs = {
-        "slide": {**info.to_dict(), "slide_id": job.slide_id},
-        "grid": grid.attrs(),
+        "slide": {**geo.info.to_dict(), "slide_id": job.slide_id},
+        "grid": {**grid.attrs(), "block": geo.block},
         "tissue": {**opts.tissue.to_dict(), "min_tissue": opts.min_tissue, "method": "saturation Otsu",
                    "thumbnail_mpp": [thumb.mpp_x, thumb.mpp_y],
                    "thumbnail_scale": [thumb.scale_x, thumb.scale_y],
                    "tissue_area_mm2": float(tissue_mask.sum() * thumb.mpp_x * thumb.mpp_y / 1e6),
                    "cells_embedded": int(mask.sum()), "max_patches": opts.max_patches},
     }
-    tile = slide.tile_size(grid.level)
-    writer.create(attrs=attrs, mask=mask, tissue_fraction=fraction, coords=coords,
-                  thumbnail=thumb.image, tissue_mask=tissue_mask,
-                  chunk=opts.block or choose_block(grid, tile[0] if tile else None))
+    writer.create(attrs=attrs, mask=mask, tissue_fraction=geo.fraction, coords=coords,
+                  thumbnail=thumb.image, tissue_mask=tissue_mask, chunk=geo.block)
     if opts.qc:
         title = (f"{job.slide_id}: {int(mask.sum())} cells embedded (blue), tissue contour (green); "
                  f"{grid.patch_px}px @ {grid.target_mpp:g} um/px, min tissue {opts.min_tissue:g}")
         run.qc_image = render_qc(thumb.image, tissue_mask, grid, coords, mask,
                                  scale_x=thumb.scale_x, scale_y=thumb.scale_y, title=title)
-    return grid, mask
+    return grid, mask, geo.block
 
 
 def _reuse_geometry(writer: StoreWriter, opts: EmbedOptions, final: Path):
@@ -265,12 +284,17 @@ class _Models:
 
 def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence = ("lunit-bt-rn50",),
                  weights: str = "auto", options: EmbedOptions = EmbedOptions(),
-                 stats: RunStats | None = None) -> Iterator[SlideResult]:
+                 stats: RunStats | None = None,
+                 progress: Callable[[str, int, int], None] | None = None) -> Iterator[SlideResult]:
     """Embed slides one after another through one loader; yields a result per slide, in order.
 
     A slide that fails is reported with ``status="failed"`` and leaves nothing behind; the others go
     on. Problems that concern every slide (weights, device, output directory) raise instead.
     ``models`` are registry names or loaded :class:`~wsi_embed.encoders.Encoder` objects.
+    ``progress(slide_id, cells_done, cells_total)`` is called as batches complete.
+
+    Each slide with work to do is locked (``<out>/.<slide_id>.lock``, see :mod:`wsi_embed.locks`)
+    while it is embedded; a slide another live process holds is ``skipped`` with a note.
     """
     out_dir = ensure_writable(Path(out_dir))
     opts = options
@@ -281,17 +305,24 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
 
     def feed():
         for key, job in enumerate(jobs):
-            run, tasks = None, []
+            run, tasks, lock = None, [], None
             if not pending_encoders(out_dir, job.slide_id, models_.names, opts.overwrite):
-                run = _SlideRun(job, time.perf_counter(), SlideResult(
-                    str(job.path), job.slide_id, "skipped", encoders=list(models_.names),
-                    store=str(store_path(out_dir, job.slide_id))))
+                run = _skipped(job, models_.names, out_dir)
             else:
+                lock, owner = try_lock(out_dir, job.slide_id, stale_after=opts.lock_stale_after)
+                if lock is None:  # another live process is embedding it: not a failure
+                    run = _skipped(job, models_.names, out_dir,
+                                   f"locked by {owner.describe() if owner else 'another process'}")
+                elif not opts.overwrite and not pending_encoders(out_dir, job.slide_id, models_.names, False):
+                    lock.release()  # finished by another process between our check and the lock
+                    lock, run = None, _skipped(job, models_.names, out_dir)
+            if run is None:
                 try:
                     _preflight(job, opts)  # a bad slide fails fast, before any model is loaded
                     encoders = models_.load()  # errors here concern every slide: they raise
                     run, tasks = _prepare(job, key, out_dir, encoders, opts)
                 except _EVERY_SLIDE:
+                    lock.release()
                     raise
                 except WsiEmbedError as exc:
                     error = str(exc)
@@ -301,6 +332,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 if run is None:
                     run = _SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed"))
                     run.result.error, run.failed = error, True
+            run.lock = lock
             runs[key] = run
             yield from tasks
             yield EndOfSlide(key)
@@ -319,6 +351,9 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
             if item is None:
                 break
             run = runs[item.slide_key]
+            for r in runs.values():  # rate-limited inside: keeps our locks fresh for other hosts
+                if r.lock is not None:
+                    r.lock.heartbeat()
             if isinstance(item, EndOfSlide):
                 yield _finish(run, pending, models_.runners, opts, precision)
                 runs.pop(item.slide_key, None)
@@ -333,12 +368,27 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
             pending.append((patches, [(item.region, i) for i in range(patches.shape[0])]))
             if sum(p.shape[0] for p, _ in pending) >= opts.batch_size:
                 _run_batches(run, pending, models_.runners, opts, flush=False)
+                if progress is not None:
+                    progress(run.job.slide_id, run.cells_done, run.result.cells)
     finally:
         stats.total_s = time.perf_counter() - started
         for run in runs.values():
             if run.writer is not None and run.result.status != "done":
                 run.writer.abort()
+            _release(run)
         release_handles()
+
+
+def _skipped(job: SlideJob, names: Sequence[str], out_dir: Path, note: str = "complete") -> _SlideRun:
+    store = str(store_path(out_dir, job.slide_id)) if note == "complete" else None
+    return _SlideRun(job, time.perf_counter(), SlideResult(
+        str(job.path), job.slide_id, "skipped", encoders=list(names), store=store, note=note))
+
+
+def _release(run: _SlideRun) -> None:
+    if run.lock is not None:
+        run.lock.release()
+        run.lock = None
 
 
 def _fail(run: _SlideRun, error: str, pending: list) -> None:
@@ -347,6 +397,7 @@ def _fail(run: _SlideRun, error: str, pending: list) -> None:
     pending.clear()
     if run.writer is not None:
         run.writer.abort()
+    _release(run)  # after abort: the next owner must not see our temporaries
 
 
 def _run_batches(run: _SlideRun, pending: list, runners, opts: EmbedOptions, *, flush: bool) -> None:
@@ -364,6 +415,7 @@ def _run_batches(run: _SlideRun, pending: list, runners, opts: EmbedOptions, *, 
                 if r.encoder.config.name in run.groups}
         for j, (region, i) in enumerate(labels[start:end]):
             _store_row(run, region, i, {k: v[j] for k, v in outs.items()}, opts)
+    run.cells_done += stop
     pending.clear()
     if stop < n:
         pending.append((x[stop:], labels[stop:]))
@@ -389,12 +441,16 @@ def _store_row(run: _SlideRun, region: int, i: int, rows: dict, opts: EmbedOptio
 def _finish(run: _SlideRun, pending: list, runners, opts: EmbedOptions, precision: str) -> SlideResult:
     result = run.result
     if run.failed or result.status == "skipped":
+        _release(run)
         result.seconds = time.perf_counter() - run.started
         return result
     try:
         _run_batches(run, pending, runners, opts, flush=True)
         if run.regions:
             raise RuntimeError(f"{len(run.regions)} regions were not completed")
+        if run.lock is not None and not run.lock.held():  # judged dead and taken over: do not commit
+            raise LockLost(f"{run.job.path}: another process took over {run.lock.path}; "
+                           "this run's copy is discarded (raise --lock-stale-after if hosts are slow)")
         for name, group in run.groups.items():
             run.writer.mark_complete(group, {"precision": precision})
         qc_path = None
@@ -405,6 +461,7 @@ def _finish(run: _SlideRun, pending: list, runners, opts: EmbedOptions, precisio
         result.status = "done"
     except WsiEmbedError as exc:
         _fail(run, str(exc), pending)
+    _release(run)  # only after the store is renamed into place (or cleaned up)
     result.seconds = time.perf_counter() - run.started
     return result
 

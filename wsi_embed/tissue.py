@@ -15,7 +15,7 @@ from .slide import Slide
 @dataclass(frozen=True)
 class TissueParams:
     thumb_mpp: float = 4.0  # µm/px of the thumbnail the mask is computed on
-    max_thumb_px: int = 4096  # cap on the thumbnail's longer side (huge slides get coarser)
+    max_thumb_px: int = 3072  # cap on the longer side: memory stays flat for huge slides
     min_saturation: float = 0.07  # Otsu never goes below this: blank glass is not tissue
     blur_um: float = 8.0
     closing_um: float = 16.0
@@ -36,39 +36,50 @@ class Thumbnail:
 
 
 def read_thumbnail(slide: Slide, slide_mpp: float, params: TissueParams) -> Thumbnail:
-    """Downsample the whole slide block by block, so memory stays bounded for any slide size."""
+    """Downsample the whole slide block by block, so memory stays bounded for any slide size.
+
+    A pyramid level up to twice as coarse as ``thumb_mpp`` is used as is (reading a level 16x
+    larger to shrink it would cost seconds on big slides and gain nothing for tissue detection).
+    """
     w0, h0 = slide.dimensions
-    mpp = max(params.thumb_mpp, slide_mpp, max(w0, h0) * slide_mpp / params.max_thumb_px)
+    floor_mpp = max(params.thumb_mpp, slide_mpp, max(w0, h0) * slide_mpp / params.max_thumb_px)
+    downsamples = slide.level_downsamples
+    level = max((lv for lv, ds in enumerate(downsamples) if slide_mpp * ds <= 2 * floor_mpp * 1.001),
+                default=0, key=lambda lv: downsamples[lv])
+    mpp = max(floor_mpp, slide_mpp * downsamples[level])
     tw, th = max(1, round(w0 * slide_mpp / mpp)), max(1, round(h0 * slide_mpp / mpp))
-    ds_wanted = w0 / tw
-    level = max((lv for lv, ds in enumerate(slide.level_downsamples) if ds <= ds_wanted * 1.001), default=0,
-                key=lambda lv: slide.level_downsamples[lv])
     lw, lh = slide.level_dimensions[level]
     fx, fy = lw / tw, lh / th  # level px per thumbnail px
     thumb = np.empty((th, tw, 3), dtype=np.uint8)
     block = max(1, int(4096 // max(fx, fy)))  # thumbnail px per block side, ~4k level px read
+    ds = downsamples[level]
     for ty in range(0, th, block):
         for tx in range(0, tw, block):
             bw, bh = min(block, tw - tx), min(block, th - ty)
             lx0, ly0 = int(round(tx * fx)), int(round(ty * fy))
             lx1, ly1 = max(lx0 + 1, int(round((tx + bw) * fx))), max(ly0 + 1, int(round((ty + bh) * fy)))
-            ds = slide.level_downsamples[level]
             pixels = slide.read_region((round(lx0 * ds), round(ly0 * ds)), level, (lx1 - lx0, ly1 - ly0))
-            img = Image.fromarray(pixels).resize((bw, bh), Image.Resampling.BOX)
-            thumb[ty : ty + bh, tx : tx + bw] = np.asarray(img)
+            if pixels.shape[:2] != (bh, bw):
+                pixels = np.asarray(Image.fromarray(pixels).resize((bw, bh), Image.Resampling.BOX))
+            thumb[ty : ty + bh, tx : tx + bw] = pixels
     return Thumbnail(thumb, w0 * slide_mpp / tw, h0 * slide_mpp / th, tw / w0, th / h0)
 
 
 def detect_tissue(thumb: Thumbnail, params: TissueParams) -> np.ndarray:
     """Boolean tissue mask: saturation Otsu, blur, closing, small objects and holes removed."""
-    from skimage import color, filters, morphology
+    from skimage import filters, morphology
 
     if thumb.image.shape[0] < 2 or thumb.image.shape[1] < 2:
         return np.zeros(thumb.image.shape[:2], dtype=bool)
-    hsv = color.rgb2hsv(thumb.image)
     um = math.sqrt(thumb.mpp_x * thumb.mpp_y)  # µm per thumbnail pixel
-    saturation = filters.gaussian(hsv[..., 1], sigma=max(0.5, params.blur_um / um))
-    value = hsv[..., 2]
+    # HSV saturation and value in float32 (rgb2hsv would make three float64 planes)
+    rgb = thumb.image
+    value = rgb.max(axis=2).astype(np.float32)
+    chroma = value - rgb.min(axis=2).astype(np.float32)
+    saturation = np.divide(chroma, value, out=np.zeros_like(value), where=value > 0)
+    value /= 255.0
+    del chroma
+    saturation = filters.gaussian(saturation, sigma=max(0.5, params.blur_um / um), preserve_range=True)
     try:
         threshold = filters.threshold_otsu(saturation)
     except ValueError:  # a constant image

@@ -1,0 +1,227 @@
+"""``wsi-embed bench``: where the time goes. Loader alone, model alone, both together, and a naive
+per-patch baseline, measured in one run on the same slides, batch size and precision."""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .infer import EncoderRunner, select_device, select_precision
+from .loader import EndOfSlide, default_workers, make_loader, region_task, release_handles
+from .grid import plan_regions
+from .pipeline import EmbedOptions, RunStats, SlideJob, analyse_slide, embed_slides, slide_id_for
+from .slide import open_slide, resolve_mpp
+
+
+class PeakRss:
+    """Samples the memory of this process and all its descendants (loader workers included).
+
+    Uses PSS where the kernel gives it: forked workers share pages with the parent, and summing
+    plain RSS would count those pages once per process.
+    """
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = 0
+        for p in [self._proc, *self._proc.children(recursive=True)]:
+            try:
+                total += getattr(p.memory_full_info(), "pss", None) or p.memory_info().rss
+            except Exception:  # a worker that just exited
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {"cpu": cpu, "cores": cores, "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device), "gpu": None}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _plan(paths: Sequence[Path], opts: EmbedOptions, max_patches: int | None):
+    """Read tasks for the tissue cells of each slide, up to ``max_patches`` in all."""
+    tasks, read_px, left = [], None, max_patches
+    for key, path in enumerate(paths):
+        with open_slide(path, backend=opts.backend) as slide:
+            geo = analyse_slide(slide, resolve_mpp(slide), replace(opts, max_patches=left))
+            backend = slide.backend
+        read_px = read_px or geo.grid.read_px
+        for region in plan_regions(geo.grid, geo.mask, geo.block):
+            tasks.append(region_task(key, str(path), backend, geo.grid, region))
+        if left is not None:
+            left -= int(geo.mask.sum())
+            if left <= 0:
+                break
+    return tasks, read_px
+
+
+def _loader_only(tasks, runner: EncoderRunner, workers: int, device) -> tuple[int, float]:
+    def feed():
+        yield from tasks
+        yield EndOfSlide(-1)
+
+    n = 0
+    t0 = time.perf_counter()
+    for item in make_loader(feed(), workers=workers, pin_memory=device.type == "cuda"):
+        if isinstance(item, EndOfSlide):
+            continue
+        x = runner.preprocess(item.patches.to(device, non_blocking=True))
+        n += x.shape[0]
+    _sync(device)
+    release_handles()
+    return n, time.perf_counter() - t0
+
+
+def _model_only(runner: EncoderRunner, read_px: int, batch_size: int, n_patches: int, device) -> float:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (batch_size, read_px, read_px, 3), dtype=torch.uint8, generator=gen).to(device)
+    runner(x).cpu()  # warm-up: kernels, autotuning, lazy init
+    batches = max(3, -(-n_patches // batch_size))
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        runner(x).cpu()  # the pipeline copies every batch back, so this does too
+    _sync(device)
+    return batches * batch_size / (time.perf_counter() - t0)
+
+
+def _naive(tasks, read_px: int, patch_px: int, mean, std, limit: int) -> float:
+    """The common baseline: one read_region per patch, then PIL/torchvision transforms on the CPU."""
+    from torchvision import transforms
+
+    steps = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    if read_px != patch_px:
+        steps.insert(0, transforms.Resize(patch_px))
+    transform = transforms.Compose(steps)
+    handles: dict = {}
+    n = 0
+    t0 = time.perf_counter()
+    for task in tasks:
+        for ox, oy in task.offsets:
+            if n >= limit:
+                break
+            slide = handles.get(task.path) or handles.setdefault(task.path, open_slide(task.path, backend=task.backend))
+            ds = slide.level_downsamples[task.level]
+            loc = (task.location[0] + round(ox * ds), task.location[1] + round(oy * ds))
+            from PIL import Image
+
+            img = Image.fromarray(slide.read_region(loc, task.level, (read_px, read_px)))
+            transform(img)
+            n += 1
+    elapsed = time.perf_counter() - t0
+    for h in handles.values():
+        h.close()
+    return n / elapsed if elapsed else 0.0
+
+
+def find_slides(target: Path) -> list[Path]:
+    if target.is_dir():
+        exts = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu"}
+        return sorted(p for p in target.rglob("*") if p.suffix.lower() in exts and p.is_file())
+    return [target]
+
+
+def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weights: str = "random",
+              options: EmbedOptions = EmbedOptions(), max_patches: int | None = 512,
+              naive_patches: int = 128) -> dict:
+    """Measure one slide (or a directory of slides). ``max_patches`` caps the patches per phase."""
+    from .encoders import load_encoder
+
+    paths = find_slides(Path(target))
+    device = select_device(options.device)
+    precision = select_precision(options.precision, device)
+    workers = default_workers() if options.workers is None else options.workers
+    opts = replace(options, workers=workers, qc=False)
+    encoder = load_encoder(model, weights)
+    runner = EncoderRunner(encoder, device, precision, compile=opts.compile)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with PeakRss() as rss:
+        tasks, read_px = _plan(paths, opts, max_patches)
+        n_loader, t_loader = _loader_only(tasks, runner, workers, device)
+        model_rate = _model_only(runner, read_px or opts.grid.patch_px, opts.batch_size, n_loader, device)
+        stats = RunStats()
+        with tempfile.TemporaryDirectory(prefix="wsi-embed-bench-") as out:
+            per_slide_cap = max_patches if len(paths) == 1 else None
+            jobs = [SlideJob(p, f"{i:05d}-{slide_id_for(p)}") for i, p in enumerate(paths)]
+            results = list(embed_slides(jobs, out, [encoder], weights, replace(opts, max_patches=per_slide_cap),
+                                        stats=stats))
+        naive_rate = _naive(tasks, read_px, opts.grid.patch_px, encoder.config.mean, encoder.config.std,
+                            naive_patches) if naive_patches else None
+    failed = [r for r in results if r.status == "failed"]
+    e2e_rate = stats.patches / stats.total_s if stats.total_s else 0.0
+    loader_rate = n_loader / t_loader if t_loader else 0.0
+    compute_s = stats.patches / model_rate if model_rate else 0.0
+    out = {
+        "target": str(target),
+        "slides": len(paths),
+        "slides_failed": len(failed),
+        "patches": stats.patches,
+        "model": encoder.config.name,
+        "weights_random": encoder.weights.random,
+        "device": str(device),
+        "precision": precision,
+        "batch_size": opts.batch_size,
+        "workers": workers,
+        "read_px": read_px,
+        "input_size": encoder.config.input_size,
+        "loader_patches_per_s": round(loader_rate, 2),
+        "model_patches_per_s": round(model_rate, 2),
+        "end_to_end_patches_per_s": round(e2e_rate, 2),
+        "end_to_end_over_model": round(e2e_rate / model_rate, 3) if model_rate else None,
+        "loader_wait_fraction": round(stats.loader_wait_fraction, 3),
+        "end_to_end_s": round(stats.total_s, 3),
+        "per_slide_overhead_s": round(max(0.0, stats.total_s - compute_s) / len(paths), 4) if paths else None,
+        "naive_loader_patches_per_s": round(naive_rate, 2) if naive_rate else None,
+        "loader_over_naive": round(loader_rate / naive_rate, 2) if naive_rate else None,
+        "peak_rss_mb": round(rss.peak / 2**20, 1),
+        "peak_gpu_mem_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+        "machine": machine_info(device),
+    }
+    if failed:
+        out["errors"] = [r.error for r in failed[:5]]
+    return out

@@ -1,0 +1,325 @@
+"""The dask driver: one task per slide, each calling :func:`wsi_embed.pipeline.embed_slide`.
+
+Clusters: ``"local"`` (a LocalCluster on this machine: one worker per visible GPU, pinned with
+``CUDA_VISIBLE_DEVICES``, or CPU workers sized to the cores), ``"tcp://..."`` (a running
+scheduler) or ``"slurm"`` (dask-jobqueue's SLURMCluster, see :class:`SlurmSettings`).
+
+- Each worker process loads the encoders once and keeps them (:func:`_encoders`).
+- Tasks that raise (transient trouble: a network file system, a busy GPU) are retried
+  (``retries``); a slide whose input is bad comes back ``failed`` and is not retried.
+- A slide that kills its worker (segfault, out of memory) is tried on at most
+  ``allowed_failures + 1`` workers, then recorded ``failed`` (dask's ``KilledWorker``).
+- The client keeps as many slides in flight as the cluster has threads and writes the manifest as
+  they complete, with the worker's host and pid; complete stores are skipped by the client
+  without submitting anything (and without starting a cluster when nothing is left).
+- Dask worker processes are daemonic and may not fork DataLoader workers: the driver turns
+  ``distributed.worker.daemon`` off where it starts the workers (local GPU, SLURM), and a task
+  running in a daemonic process reads its slide in-process (``workers=0``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from ..errors import InvalidOption, WsiEmbedError
+from ..pipeline import _EVERY_SLIDE, EmbedOptions, SlideJob, SlideResult, _model_name, embed_slide, pending_encoders
+from ..store import ensure_writable
+from .manifest import Manifest
+from .run import CohortSummary, default_manifest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETRIES = 2
+DEFAULT_ALLOWED_FAILURES = 1  # a slide may take down one worker (bad luck); the second time it is the slide
+
+
+# -- worker side -------------------------------------------------------------------------------
+_ENCODERS: dict[tuple, list] = {}
+_ENCODERS_LOCK = threading.Lock()
+_THREADS_SET: list[int] = []
+
+
+def _encoders(models: Sequence[str], weights: str, device: str) -> list:
+    """This process's encoders, loaded once per (models, weights, device)."""
+    key = (tuple(models), weights, device)
+    with _ENCODERS_LOCK:
+        if key not in _ENCODERS:
+            from ..encoders import load_encoder
+
+            _ENCODERS[key] = [load_encoder(m, weights) for m in models]
+        return _ENCODERS[key]
+
+
+def embed_task(job: SlideJob, out_dir: str, models: Sequence[str], weights: str, options: EmbedOptions,
+               torch_threads: int | None = None) -> tuple[SlideResult, str, int]:
+    """One slide on a dask worker. Returns (result, host, pid) for the manifest."""
+    if torch_threads and _THREADS_SET != [torch_threads]:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        _THREADS_SET[:] = [torch_threads]
+    if multiprocessing.current_process().daemon and options.workers != 0:
+        options = replace(options, workers=0)  # daemonic processes cannot have DataLoader workers
+    names = [_model_name(m) for m in models]
+    if pending_encoders(Path(out_dir), job.slide_id, names, options.overwrite):
+        chosen = _encoders(models, weights, options.device)
+    else:
+        chosen = models  # nothing to do: embed_slide skips without loading anything
+    result = embed_slide(job.path, out_dir, chosen, weights, options, slide_id=job.slide_id,
+                         slide_mpp=job.slide_mpp)
+    return result, socket.gethostname(), os.getpid()
+
+
+# -- clusters ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SlurmSettings:
+    """SLURMCluster settings. Anything left None comes from dask's own jobqueue config
+    (``~/.config/dask/jobqueue.yaml``, section ``jobqueue.slurm``) or its defaults."""
+
+    queue: str | None = None
+    walltime: str | None = None  # "HH:MM:SS"
+    gres: str | None = None  # e.g. "gpu:1"
+    cores: int | None = None  # CPUs per job (one dask worker per job, one slide at a time)
+    memory: str | None = None  # per job, e.g. "16GB"
+    jobs: int = 1
+    extra: dict = field(default_factory=dict)  # any other SLURMCluster keyword (account, ...)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "SlurmSettings":
+        """A JSON or YAML mapping with the fields above; unknown keys go to ``extra``."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise InvalidOption(f"--cluster-config {path}: cannot read it ({exc.strerror or exc})") from None
+        try:
+            if path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as exc:  # JSON and YAML parsers raise their own types
+            raise InvalidOption(f"--cluster-config {path}: not valid JSON/YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise InvalidOption(f"--cluster-config {path}: expected a mapping of settings")
+        data = data.get("slurm", data)  # allow {"slurm": {...}}
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {**data.get("extra", {}), **{k: v for k, v in data.items() if k not in known and k != "extra"}}
+        return cls(**kwargs, extra=extra)
+
+    def merged(self, **overrides) -> "SlurmSettings":
+        """These settings with the non-None ``overrides`` (command-line options win over a file)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def cluster_kwargs(self, log_directory: Path | None = None) -> dict:
+        kwargs = dict(self.extra)
+        for name in ("queue", "walltime", "memory"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        # One dask thread per job (one slide at a time); the job's CPUs go to torch and the loader.
+        kwargs.setdefault("cores", 1)
+        kwargs.setdefault("processes", 1)
+        if self.cores is not None:
+            kwargs.setdefault("job_cpu", self.cores)
+        if "memory" not in kwargs:
+            kwargs["memory"] = "16GB"  # SLURMCluster insists on a value; generous for one slide
+        directives = list(kwargs.pop("job_extra_directives", []))
+        if self.gres:
+            directives.append(f"--gres={self.gres}")
+        if directives:
+            kwargs["job_extra_directives"] = directives
+        # Let the worker fork DataLoader workers (see module doc).
+        prologue = list(kwargs.pop("job_script_prologue", []))
+        kwargs["job_script_prologue"] = ["export DASK_DISTRIBUTED__WORKER__DAEMON=False", *prologue]
+        if log_directory is not None:
+            kwargs.setdefault("log_directory", str(log_directory))
+        kwargs.setdefault("scheduler_options", {"dashboard_address": ":0"})
+        return kwargs
+
+
+@dataclass
+class _ClusterPlan:
+    description: str
+    options: EmbedOptions
+    torch_threads: int | None = None
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _visible_gpus(device: str) -> list[str]:
+    if device == "cpu":
+        return []
+    try:
+        import torch
+
+        count = torch.cuda.device_count()  # does not create a CUDA context in this process
+    except Exception:  # no usable CUDA build: CPU workers
+        return []
+    if count == 0:
+        return []
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed[:count] if listed else [str(i) for i in range(count)]
+
+
+@contextmanager
+def open_client(cluster: str, options: EmbedOptions, *, slurm: SlurmSettings | None = None,
+                n_workers: int | None = None, log_directory: Path | None = None) -> Iterator[tuple]:
+    """Start (or connect to) the cluster; yields ``(client, plan)`` and shuts down what it started."""
+    import dask
+    from distributed import Client
+
+    with ExitStack() as stack:
+        if cluster == "local":
+            gpus = _visible_gpus(options.device)
+            if gpus:
+                from distributed import Nanny, Scheduler, SpecCluster
+
+                stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
+                spec = {f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": g}}}
+                        for g in gpus}
+                made = stack.enter_context(SpecCluster(
+                    workers=spec, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
+                    silence_logs=logging.ERROR))
+                loader = options.workers if options.workers is not None else max(0, _cores() // len(gpus) - 1)
+                device = "cuda" if options.device.startswith("cuda") else options.device
+                plan = _ClusterPlan(f"local cluster, {len(gpus)} GPU workers ({', '.join(gpus)})",
+                                    replace(options, workers=loader, device=device))
+            else:
+                from distributed import LocalCluster
+
+                n = n_workers or _cores()
+                made = stack.enter_context(LocalCluster(
+                    n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                    silence_logs=logging.ERROR))
+                plan = _ClusterPlan(f"local cluster, {n} CPU workers",
+                                    replace(options, workers=0 if options.workers is None else options.workers),
+                                    torch_threads=max(1, _cores() // n))
+            client = stack.enter_context(Client(made))
+        elif cluster == "slurm":
+            from dask_jobqueue import SLURMCluster
+
+            settings = slurm or SlurmSettings()
+            made = stack.enter_context(SLURMCluster(**settings.cluster_kwargs(log_directory)))
+            jobs = n_workers or settings.jobs
+            made.scale(jobs=jobs)
+            opts = options
+            if options.workers is None and not settings.gres:
+                opts = replace(options, workers=0)  # CPU jobs: the job's cores go to torch
+            plan = _ClusterPlan(f"SLURM cluster, {jobs} job(s)", opts,
+                                torch_threads=None if settings.gres else settings.cores)
+            client = stack.enter_context(Client(made))
+        elif "://" in cluster:
+            client = stack.enter_context(Client(cluster))
+            plan = _ClusterPlan(f"dask scheduler {cluster}", options)
+        else:
+            raise InvalidOption(f"--cluster {cluster!r}: use local, slurm or a scheduler address (tcp://host:8786)")
+        yield client, plan
+
+
+# -- the driver --------------------------------------------------------------------------------
+def run_cohort_dask(jobs: Sequence[SlideJob], out_dir: str | os.PathLike, models: Sequence[str] = ("lunit-bt-rn50",),
+                    weights: str = "auto", options: EmbedOptions = EmbedOptions(), *,
+                    cluster: str = "local", slurm: SlurmSettings | None = None, n_workers: int | None = None,
+                    manifest: str | os.PathLike | None = None,
+                    on_result: Callable[[SlideResult], None] | None = None,
+                    retries: int = DEFAULT_RETRIES, allowed_failures: int = DEFAULT_ALLOWED_FAILURES,
+                    task: Callable = embed_task) -> CohortSummary:
+    """Embed ``jobs`` on a dask cluster, one task per slide; the manifest is written here.
+
+    ``models`` are registry names (each worker loads them once). Run-wide errors (weights,
+    device, output directory) cancel the run and raise, as in the serial driver.
+    """
+    started = time.perf_counter()
+    out_dir = ensure_writable(Path(out_dir).absolute())
+    book = Manifest(manifest or default_manifest(out_dir))
+    summary = CohortSummary(total=len(jobs), manifest=book.path)
+    names = [_model_name(m) for m in models]
+
+    def record(result: SlideResult, **extra) -> None:
+        book.append(result, **extra)
+        summary.add(result)
+        if on_result is not None:
+            on_result(result)
+
+    todo = []
+    for job in jobs:  # complete stores: no task, no cluster if nothing is left
+        if pending_encoders(out_dir, job.slide_id, names, options.overwrite):
+            todo.append(job)
+        else:
+            record(SlideResult(str(job.path), job.slide_id, "skipped", encoders=names,
+                               store=str(out_dir / f"{job.slide_id}.zarr"), note="complete"))
+    if not todo:
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    import dask
+    from distributed import wait
+    from distributed.scheduler import KilledWorker
+
+    # Read by the scheduler when it starts (local and SLURM clusters run it in this process).
+    with dask.config.set({"distributed.scheduler.allowed-failures": allowed_failures}), \
+            open_client(cluster, options, slurm=slurm, n_workers=n_workers,
+                        log_directory=out_dir / "logs") as (client, plan):
+        log.info("%s: %d slides to embed", plan.description, len(todo))
+        queue = deque(todo)
+        running: dict = {}
+
+        def refill() -> None:
+            # As many slides in flight as the cluster has threads, so a slide that kills its worker
+            # finds no other slide queued there (those would count a worker death too). Re-read
+            # each time: SLURM workers arrive, and leave, as the run goes.
+            limit = max(1, sum(client.nthreads().values()))
+            while queue and len(running) < limit:
+                job = queue.popleft()
+                fut = client.submit(task, job, str(out_dir), list(models), weights, plan.options,
+                                    plan.torch_threads, key=f"wsi-embed-{uuid.uuid4().hex}", retries=retries,
+                                    pure=False)
+                running[fut] = job
+
+        try:
+            refill()
+            while running:
+                try:
+                    done, _ = wait(list(running), timeout=2.0, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    done = ()
+                for fut in done:
+                    job = running.pop(fut)
+                    try:
+                        result, host, pid = fut.result()
+                        record(result, host=host, pid=pid)
+                    except KilledWorker as exc:
+                        record(_failed(job, "the dask worker died while embedding this slide (segfault or out "
+                                            f"of memory?), {allowed_failures + 1} time(s); see the worker logs "
+                                            f"({exc})"))
+                    except _EVERY_SLIDE:
+                        raise
+                    except WsiEmbedError as exc:
+                        record(_failed(job, str(exc)))
+                    except Exception as exc:  # after the retries: this slide failed, the others go on
+                        record(_failed(job, f"{job.path}: {type(exc).__name__}: {exc} (after {retries} retries)"))
+                refill()
+        finally:
+            client.cancel(list(running))
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _failed(job: SlideJob, error: str) -> SlideResult:
+    return SlideResult(str(job.path), job.slide_id, "failed", error=error)
