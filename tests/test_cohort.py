@@ -362,6 +362,22 @@ def test_kill_9_mid_slide_then_resume_equals_clean_run(big_slide, tmp_path):
     same_stores(out, clean, ["big"])
 
 
+def test_sigterm_releases_the_lock_and_cleans_up(big_slide, tmp_path):
+    """SLURM's time limit and scancel send SIGTERM: the slide's lock must not outlive the run."""
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "wsi_embed.cli", "embed", str(big_slide), "--out", str(out), *FAST]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while (time.monotonic() < deadline and proc.poll() is None
+           and not list(out.glob(".big.zarr.tmp-*/timm-test_vit/embeddings/c/*"))):
+        time.sleep(0.02)  # mid-slide: locked, some embeddings written
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert not (out / ".big.lock").exists() and not list(out.glob(".*tmp-*")) and not (out / "big.zarr").exists()
+
+
 def test_two_processes_never_embed_a_slide_twice(biopsies, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "wsi_embed.cli", "embed", str(biopsies[0].parent), "--out", str(out), *FAST]
@@ -418,3 +434,41 @@ def test_dask_worker_death_is_a_failed_slide_and_errors_are_retried(tmp_path):
     assert "worker died" in status["crash"].error
     rows = {r["slide_id"]: r for r in manifest_rows(tmp_path / "out")}
     assert rows["crash"]["status"] == "failed" and rows["ok1"]["host"] == "worker"
+
+
+def env_task(job, out_dir, models, weights, options, torch_threads=None):
+    """Reports what the worker process looks like instead of embedding."""
+    import multiprocessing as mp
+
+    note = f"{os.environ.get('CUDA_VISIBLE_DEVICES')},{mp.current_process().daemon},{options.workers}"
+    return SlideResult(str(job.path), job.slide_id, "done", note=note), "worker", os.getpid()
+
+
+def test_local_gpu_workers_are_pinned_and_may_fork(tmp_path, monkeypatch):
+    """Without a GPU here: pretend two are visible and look at the workers the driver starts."""
+    from wsi_embed.cohort import dask_driver
+    from wsi_embed.pipeline import SlideJob
+
+    monkeypatch.setattr(dask_driver, "_visible_gpus", lambda device: ["3", "5"])
+    jobs = [SlideJob(tmp_path / f"s{i}.svs", f"s{i}") for i in range(6)]
+    summary = dask_driver.run_cohort_dask(jobs, tmp_path / "out", [MODEL], "random", EmbedOptions(),
+                                          cluster="local", task=env_task)
+    notes = {r.note for r in summary.results}
+    loader = max(0, dask_driver._cores() // 2 - 1)
+    assert notes <= {f"3,False,{loader}", f"5,False,{loader}"} and len(summary.results) == 6
+
+
+def test_running_scheduler_address(biopsies, serial, tmp_path):
+    """--cluster tcp://...: a scheduler we did not start; its workers are daemonic, so the task
+    reads in-process even when loader workers were asked for."""
+    from distributed import LocalCluster
+
+    from wsi_embed.cohort.dask_driver import run_cohort_dask
+
+    _, reference = serial
+    jobs = plan_cohort([biopsies[1]])
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        summary = run_cohort_dask(jobs, tmp_path, [MODEL], "random", EmbedOptions(workers=2, device="cpu"),
+                                  cluster=cluster.scheduler_address)
+    assert summary.ok and summary.done == 1
+    same_stores(tmp_path, reference, ["biopsy_001"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -165,7 +166,7 @@ def embed(
             logging.getLogger("distributed").setLevel(logging.WARNING)
         if weights == "random":
             typer.echo(RANDOM_BANNER, err=True)
-        progress = Progress(len(jobs))
+        progress = Progress(len(jobs), slide_bar=cluster is None)  # dask reports whole slides only
         try:
             summary = embed_cohort(jobs, out, models_, weights, options, cluster=cluster, slurm=slurm,
                                    n_workers=cluster_workers, manifest=manifest,
@@ -235,12 +236,23 @@ def bench(
     typer.echo(f"{'machine':<28} {json.dumps(result['machine'])}")
 
 
+def _terminated(signum, frame) -> None:
+    # SLURM time limits, scancel and preemption send SIGTERM: unwind like Ctrl-C so slide locks are
+    # released and temporaries removed (a lock left by another host would block a rerun for a while).
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except KeyboardInterrupt:
         typer.echo("interrupted; completed stores are kept, rerun to resume", err=True)
         sys.exit(130)
+    except SystemExit as exc:  # typer turns an interrupt into a silent exit 130
+        if exc.code == 130:
+            typer.echo("interrupted; completed stores are kept, rerun to resume", err=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -71,11 +71,16 @@ def region_task(slide_key: int, path: str, backend: str, grid: Grid, region: Reg
                     (width, height), offsets, grid.read_px, region.index)
 
 
-def cut_patches(block: np.ndarray, offsets: Iterable[tuple[int, int]], size: int) -> np.ndarray:
+def cut_patches(block: np.ndarray, offsets: Iterable[tuple[int, int]], size: int) -> torch.Tensor:
+    """(n, size, size, 3) uint8. In a loader worker the tensor is born in shared memory, so handing
+    it to the main process costs no extra copy."""
     offsets = list(offsets)
-    out = np.empty((len(offsets), size, size, 3), dtype=np.uint8)
+    out = torch.empty((len(offsets), size, size, 3), dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:
+        out.share_memory_()
+    view = out.numpy()
     for i, (x, y) in enumerate(offsets):
-        out[i] = block[y : y + size, x : x + size]
+        view[i] = block[y : y + size, x : x + size]
     return out
 
 
@@ -118,7 +123,7 @@ class RegionDataset(Dataset):
         try:
             slide = _HANDLES.get(task.path, task.backend)
             block = slide.read_region(task.location, task.level, task.size)
-            patches = torch.from_numpy(cut_patches(block, task.offsets, task.read_px))
+            patches = cut_patches(block, task.offsets, task.read_px)
             return RegionBatch(task.slide_key, task.region, patches)
         except WsiEmbedError as exc:
             return RegionBatch(task.slide_key, task.region, None, str(exc))

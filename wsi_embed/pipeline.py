@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -122,7 +124,6 @@ class RunStats:
     """Where the time went in one ``embed_slides`` call (filled in place; for benchmarks)."""
 
     patches: int = 0
-    batches: int = 0
     wait_s: float = 0.0  # the model side waiting for the loader
     total_s: float = 0.0
 
@@ -302,48 +303,76 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
     precision = select_precision(opts.precision, device)
     models_ = _Models(models, weights, device, precision, opts.compile)
     runs: dict[int, _SlideRun] = {}
+    held: list = []  # every lock taken, so an interrupt at any point releases it (release is idempotent)
+
+    def start(key: int, job: SlideJob) -> list:
+        """Lock, check and prepare one slide; runs in the prep thread, one slide ahead."""
+        run, tasks, lock = None, [], None
+        if not pending_encoders(out_dir, job.slide_id, models_.names, opts.overwrite):
+            run = _skipped(job, models_.names, out_dir)
+        else:
+            lock, owner = try_lock(out_dir, job.slide_id, stale_after=opts.lock_stale_after)
+            if lock is not None:
+                held[:] = [h for h in held if not h.released] + [lock]
+            if lock is None:  # another live process is embedding it: not a failure
+                run = _skipped(job, models_.names, out_dir,
+                               f"locked by {owner.describe() if owner else 'another process'}")
+            elif not opts.overwrite and not pending_encoders(out_dir, job.slide_id, models_.names, False):
+                lock.release()  # finished by another process between our check and the lock
+                lock, run = None, _skipped(job, models_.names, out_dir)
+        if run is None:
+            try:
+                _preflight(job, opts)  # a bad slide fails fast, before any model is loaded
+                encoders = models_.load()  # errors here concern every slide: they raise
+                run, tasks = _prepare(job, key, out_dir, encoders, opts)
+            except _EVERY_SLIDE:
+                lock.release()
+                raise
+            except WsiEmbedError as exc:
+                error = str(exc)
+            except Exception as exc:  # one slide's unexpected failure must not stop the cohort
+                log.exception("unexpected error preparing %s", job.path)
+                error = f"{job.path}: {type(exc).__name__}: {exc}"
+            if run is None:
+                run = _SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed"))
+                run.result.error, run.failed = error, True
+        run.lock = lock
+        runs[key] = run  # visible to the cleanup below as soon as it exists
+        return tasks
 
     def feed():
-        for key, job in enumerate(jobs):
-            run, tasks, lock = None, [], None
-            if not pending_encoders(out_dir, job.slide_id, models_.names, opts.overwrite):
-                run = _skipped(job, models_.names, out_dir)
-            else:
-                lock, owner = try_lock(out_dir, job.slide_id, stale_after=opts.lock_stale_after)
-                if lock is None:  # another live process is embedding it: not a failure
-                    run = _skipped(job, models_.names, out_dir,
-                                   f"locked by {owner.describe() if owner else 'another process'}")
-                elif not opts.overwrite and not pending_encoders(out_dir, job.slide_id, models_.names, False):
-                    lock.release()  # finished by another process between our check and the lock
-                    lock, run = None, _skipped(job, models_.names, out_dir)
-            if run is None:
+        # Slide k+1 is opened, tissue-detected and planned in a thread while slide k computes.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-embed-prep") as pool:
+            queued: deque = deque()
+            numbered = enumerate(jobs)
+
+            def submit() -> None:
+                nxt = next(numbered, None)
+                if nxt is not None:
+                    queued.append((nxt[0], pool.submit(start, *nxt)))
+
+            submit()
+            while queued:
+                key, future = queued.popleft()
+                submit()
                 try:
-                    _preflight(job, opts)  # a bad slide fails fast, before any model is loaded
-                    encoders = models_.load()  # errors here concern every slide: they raise
-                    run, tasks = _prepare(job, key, out_dir, encoders, opts)
-                except _EVERY_SLIDE:
-                    lock.release()
+                    tasks = future.result()
+                except BaseException:
+                    for _, other in queued:
+                        other.cancel()
                     raise
-                except WsiEmbedError as exc:
-                    error = str(exc)
-                except Exception as exc:  # one slide's unexpected failure must not stop the cohort
-                    log.exception("unexpected error preparing %s", job.path)
-                    error = f"{job.path}: {type(exc).__name__}: {exc}"
-                if run is None:
-                    run = _SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed"))
-                    run.result.error, run.failed = error, True
-            run.lock = lock
-            runs[key] = run
-            yield from tasks
-            yield EndOfSlide(key)
+                yield from tasks
+                yield EndOfSlide(key)
 
     workers = default_workers() if opts.workers is None else opts.workers
-    loader = make_loader(feed(), workers=workers, pin_memory=device.type == "cuda")
+    task_feed = feed()
+    loader = make_loader(task_feed, workers=workers, pin_memory=device.type == "cuda")
     pending: list[tuple[torch.Tensor, list]] = []  # (patches on device, [(region, cell index)])
     stats = stats if stats is not None else RunStats()
     started = time.perf_counter()
-    items = iter(loader)
+    items = None
     try:
+        items = iter(loader)  # starts the workers and primes them (this prepares the first slide)
         while True:
             t0 = time.perf_counter()
             item = next(items, None)
@@ -351,7 +380,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
             if item is None:
                 break
             run = runs[item.slide_key]
-            for r in runs.values():  # rate-limited inside: keeps our locks fresh for other hosts
+            for r in list(runs.values()):  # rate-limited inside: keeps our locks fresh for other hosts
                 if r.lock is not None:
                     r.lock.heartbeat()
             if isinstance(item, EndOfSlide):
@@ -372,10 +401,14 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                     progress(run.job.slide_id, run.cells_done, run.result.cells)
     finally:
         stats.total_s = time.perf_counter() - started
-        for run in runs.values():
+        del items  # stops the workers
+        task_feed.close()  # waits for a slide being prepared, so its run is cleaned up too
+        for run in list(runs.values()):
             if run.writer is not None and run.result.status != "done":
                 run.writer.abort()
             _release(run)
+        for lock in held:
+            lock.release()
         release_handles()
 
 

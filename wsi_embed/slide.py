@@ -124,11 +124,11 @@ class Slide:
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
         lx, ly = int(round(x0 / ds)), int(round(y0 / ds))
-        out = np.full((h, w, 3), BACKGROUND, dtype=np.uint8)
         cx0, cy0 = max(lx, 0), max(ly, 0)
         cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
+        inside = (cx0, cy0, cx1, cy1) == (lx, ly, lx + w, ly + h)
         if cx1 <= cx0 or cy1 <= cy0:
-            return out
+            return np.full((h, w, 3), BACKGROUND, dtype=np.uint8)
         loc0 = (int(round(cx0 * ds)), int(round(cy0 * ds)))
         try:
             pixels = self._read(loc0, level, (cx1 - cx0, cy1 - cy0))
@@ -137,6 +137,9 @@ class Slide:
                 f"{self.path}: cannot decode pixels at level {level} ({type(exc).__name__}: {exc}); "
                 "the file is probably truncated or corrupt: re-copy or re-export it"
             ) from exc
+        if inside:
+            return pixels
+        out = np.full((h, w, 3), BACKGROUND, dtype=np.uint8)
         out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = pixels
         return out
 

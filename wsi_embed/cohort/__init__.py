@@ -7,7 +7,7 @@ from .run import CohortSummary, default_manifest, embed_cohort, plan_cohort, run
 from .shard import Shard, parse_shard, slurm_shard
 
 __all__ = [
-    "SLIDE_EXTENSIONS", "CohortSummary", "Manifest", "Shard", "assign_ids", "build_jobs", "default_manifest", "embed_cohort",
-    "find_slides", "latest", "parse_shard", "plan_cohort", "read_list", "read_manifest", "run_cohort",
-    "slurm_shard",
+    "SLIDE_EXTENSIONS", "CohortSummary", "Manifest", "Shard", "assign_ids", "build_jobs", "default_manifest",
+    "embed_cohort", "find_slides", "latest", "parse_shard", "plan_cohort", "read_list", "read_manifest",
+    "run_cohort", "slurm_shard",
 ]

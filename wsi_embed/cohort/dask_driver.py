@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Sequence
 
 from ..errors import InvalidOption, WsiEmbedError
 from ..pipeline import _EVERY_SLIDE, EmbedOptions, SlideJob, SlideResult, _model_name, embed_slide, pending_encoders
-from ..store import ensure_writable
+from ..store import ensure_writable, store_path
 from .manifest import Manifest
 from .run import CohortSummary, default_manifest
 
@@ -263,7 +263,7 @@ def run_cohort_dask(jobs: Sequence[SlideJob], out_dir: str | os.PathLike, models
             todo.append(job)
         else:
             record(SlideResult(str(job.path), job.slide_id, "skipped", encoders=names,
-                               store=str(out_dir / f"{job.slide_id}.zarr"), note="complete"))
+                               store=str(store_path(out_dir, job.slide_id)), note="complete"))
     if not todo:
         summary.seconds = time.perf_counter() - started
         return summary

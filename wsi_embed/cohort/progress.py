@@ -21,11 +21,12 @@ def _hms(seconds: float) -> str:
 class Progress:
     """Overall bar (slides, patches/s, ETA) plus a per-slide bar when ``bars``; else plain lines.
 
-    ``bars=None`` means: bars when ``err`` is a terminal.
+    ``bars=None`` means: bars when ``err`` is a terminal. ``slide_bar=False`` leaves out the
+    per-slide bar (drivers that report whole slides only, like dask).
     """
 
     def __init__(self, total: int, *, out: TextIO | None = None, err: TextIO | None = None,
-                 bars: bool | None = None):
+                 bars: bool | None = None, slide_bar: bool = True):
         self.total = total
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -43,7 +44,7 @@ class Progress:
             self._overall = tqdm(total=total, desc="cohort", file=self.err, position=0, bar_format=fmt,
                                  dynamic_ncols=True)
             # No rate here: the bar first hears of a slide after its first batch (the overall bar has it).
-            self._slide = tqdm(total=1, desc="starting", file=self.err, position=1, leave=False,
+            self._slide = None if not slide_bar else tqdm(total=1, desc="starting", file=self.err, position=1, leave=False,
                                dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} patches")
 
     # -- callbacks ---------------------------------------------------------------------------

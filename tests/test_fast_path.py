@@ -1,0 +1,80 @@
+"""The fast path (region reads, tile-aligned blocks, workers streaming slide after slide, device-side
+resize and normalize) against a simple reference: one openslide read per cell, PIL resize, CPU."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import openslide
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import run_cli
+from wsi_embed import EmbedOptions, SlideJob, embed_slides, open_store
+from wsi_embed.encoders import load_encoder
+
+
+def reference_embedding(encoder, slide_path, xy, level, read_px) -> np.ndarray:
+    cfg = encoder.config
+    with openslide.OpenSlide(str(slide_path)) as s:
+        img = s.read_region((int(xy[0]), int(xy[1])), level, (read_px, read_px)).convert("RGB")
+    if read_px != cfg.input_size:
+        img = img.resize((cfg.input_size, cfg.input_size), Image.Resampling.BILINEAR)
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+    x = (x - torch.tensor(cfg.mean)[:, None, None]) / torch.tensor(cfg.std)[:, None, None]
+    with torch.inference_mode():
+        return encoder.module(x[None])[0].numpy()
+
+
+@pytest.mark.parametrize("block", [None, 5], ids=["tile-aligned", "unaligned"])
+def test_fast_path_equals_reference_across_slides(block, sample_slide, pyramid_025, painted_slide, tmp_path):
+    encoder = load_encoder("timm:test_resnet", "random")
+    slides = [sample_slide, pyramid_025, painted_slide[0]]
+    jobs = [SlideJob(p, p.stem) for p in slides]
+    opts = EmbedOptions(dtype="float32", device="cpu", precision="fp32", workers=1, block=block,
+                        batch_size=24, max_patches=40)  # batches straddle regions; one loader for all
+    results = list(embed_slides(jobs, tmp_path, [encoder], "random", opts))
+    assert [r.status for r in results] == ["done"] * 3, [r.error for r in results]
+    for path, result in zip(slides, results):
+        store = open_store(result.store)
+        grid = store.attrs["grid"]
+        assert store.root["mask"].chunks[0] == (block or grid["block"])
+        emb, mask, coords = store.embeddings()[...], store.mask, store.coords
+        cells = list(zip(*np.nonzero(mask)))
+        picks = [cells[i] for i in np.linspace(0, len(cells) - 1, 4).astype(int)]
+        refs = np.stack([reference_embedding(encoder, path, coords[r, c], grid["level"], grid["read_px"])
+                         for r, c in picks])
+        got = np.stack([emb[r, c] for r, c in picks])
+        cos = (refs * got).sum(1) / np.linalg.norm(refs, axis=1) / np.linalg.norm(got, axis=1)
+        assert cos.min() >= 0.999, (path.name, cos)
+        between = min(np.linalg.norm(refs[i] - refs[j]) for i in range(4) for j in range(i))
+        assert np.linalg.norm(refs - got, axis=1).max() < 0.05 * between, path.name
+
+
+def test_tile_aligned_blocks_follow_the_tiles(painted_slide, tmp_path):
+    """224 px cells: 8 span 7 tiles of 256 px; 15 span 14 (Aperio) tiles of 240 px."""
+    from wsi_embed.grid import GridSpec, choose_block, plan_grid
+
+    g = plan_grid(GridSpec(0.5, 224), slide_mpp=0.5, level_dimensions=((40000, 40000),), level_downsamples=(1.0,))
+    assert choose_block(g, 256) == 8 and choose_block(g, 240) == 15 and choose_block(g, None) == 8
+    g40 = plan_grid(GridSpec(0.5, 224), slide_mpp=0.25, level_dimensions=((40000, 40000),), level_downsamples=(1.0,))
+    assert choose_block(g40, 256) * 448 * 448 * 3 * choose_block(g40, 256) <= 64 << 20  # region memory cap
+    encoder = load_encoder("timm:test_vit", "random")
+    (result,) = embed_slides([SlideJob(painted_slide[0], "p")], tmp_path, [encoder], "random",
+                             EmbedOptions(workers=0, max_patches=2))
+    store = open_store(result.store)
+    assert store.attrs["grid"]["block"] == 8 and store.root["mask"].chunks == (8, 8)
+
+
+def test_bench_reports_every_figure(sample_slide):
+    proc = run_cli("bench", str(sample_slide), "--model", "timm:test_vit", "--max-patches", "32",
+                   "--naive-patches", "16", "--workers", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("loader_patches_per_s", "model_patches_per_s", "end_to_end_patches_per_s",
+                "loader_wait_fraction", "peak_rss_mb", "naive_loader_patches_per_s"):
+        assert d[key] is not None and d[key] > 0 or key == "loader_wait_fraction", (key, d[key])
+    assert 0 <= d["loader_wait_fraction"] <= 1 and d["patches"] == 32
+    assert d["machine"]["cores"] >= 1 and d["device"] == "cpu"
