@@ -18,7 +18,7 @@ import torch
 from .infer import EncoderRunner, select_device, select_precision
 from .loader import EndOfSlide, default_workers, make_loader, region_task, release_handles
 from .grid import plan_regions
-from .pipeline import EmbedOptions, RunStats, SlideJob, analyse_slide, embed_slides, slide_id_for
+from .pipeline import EmbedOptions, RunStats, analyse_slide, embed_slides
 from .slide import open_slide, resolve_mpp
 
 
@@ -99,7 +99,10 @@ def _plan(paths: Sequence[Path], opts: EmbedOptions, max_patches: int | None):
     return tasks, read_px
 
 
-def _loader_only(tasks, runner: EncoderRunner, workers: int, device) -> tuple[int, float]:
+def _loader_only(tasks, workers: int, device) -> tuple[int, float]:
+    """Read, decode and cut into uint8 batches on the device. Conversion, resize and normalization
+    run on the device inside the encoder step, so they are counted in model-only."""
+
     def feed():
         yield from tasks
         yield EndOfSlide(-1)
@@ -109,14 +112,14 @@ def _loader_only(tasks, runner: EncoderRunner, workers: int, device) -> tuple[in
     for item in make_loader(feed(), workers=workers, pin_memory=device.type == "cuda"):
         if isinstance(item, EndOfSlide):
             continue
-        x = runner.preprocess(item.patches.to(device, non_blocking=True))
-        n += x.shape[0]
+        n += item.patches.to(device, non_blocking=True).shape[0]
     _sync(device)
     release_handles()
     return n, time.perf_counter() - t0
 
 
 def _model_only(runner: EncoderRunner, read_px: int, batch_size: int, n_patches: int, device) -> float:
+    """uint8 batches of the read size already on the device: convert, resize, normalize, encode."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (batch_size, read_px, read_px, 3), dtype=torch.uint8, generator=gen).to(device)
     runner(x).cpu()  # warm-up: kernels, autotuning, lazy init
@@ -130,7 +133,9 @@ def _model_only(runner: EncoderRunner, read_px: int, batch_size: int, n_patches:
 
 
 def _naive(tasks, read_px: int, patch_px: int, mean, std, limit: int) -> float:
-    """The common baseline: one read_region per patch, then PIL/torchvision transforms on the CPU."""
+    """The common baseline: one openslide ``read_region`` per patch, then PIL/torchvision transforms
+    on the CPU, in one process (what most patch-extraction scripts do)."""
+    import openslide
     from torchvision import transforms
 
     steps = [transforms.ToTensor(), transforms.Normalize(mean, std)]
@@ -141,28 +146,18 @@ def _naive(tasks, read_px: int, patch_px: int, mean, std, limit: int) -> float:
     n = 0
     t0 = time.perf_counter()
     for task in tasks:
+        slide = handles.get(task.path) or handles.setdefault(task.path, openslide.OpenSlide(task.path))
+        ds = slide.level_downsamples[task.level]
         for ox, oy in task.offsets:
             if n >= limit:
                 break
-            slide = handles.get(task.path) or handles.setdefault(task.path, open_slide(task.path, backend=task.backend))
-            ds = slide.level_downsamples[task.level]
             loc = (task.location[0] + round(ox * ds), task.location[1] + round(oy * ds))
-            from PIL import Image
-
-            img = Image.fromarray(slide.read_region(loc, task.level, (read_px, read_px)))
-            transform(img)
+            transform(slide.read_region(loc, task.level, (read_px, read_px)).convert("RGB"))
             n += 1
     elapsed = time.perf_counter() - t0
     for h in handles.values():
         h.close()
     return n / elapsed if elapsed else 0.0
-
-
-def find_slides(target: Path) -> list[Path]:
-    if target.is_dir():
-        exts = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu"}
-        return sorted(p for p in target.rglob("*") if p.suffix.lower() in exts and p.is_file())
-    return [target]
 
 
 def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weights: str = "random",
@@ -171,7 +166,10 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
     """Measure one slide (or a directory of slides). ``max_patches`` caps the patches per phase."""
     from .encoders import load_encoder
 
-    paths = find_slides(Path(target))
+    from .cohort.discover import build_jobs
+
+    jobs = build_jobs([Path(target)])  # the same discovery and ids as `wsi-embed embed`
+    paths = [job.path for job in jobs]
     device = select_device(options.device)
     precision = select_precision(options.precision, device)
     workers = default_workers() if options.workers is None else options.workers
@@ -182,12 +180,11 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
         torch.cuda.reset_peak_memory_stats(device)
     with PeakRss() as rss:
         tasks, read_px = _plan(paths, opts, max_patches)
-        n_loader, t_loader = _loader_only(tasks, runner, workers, device)
+        n_loader, t_loader = _loader_only(tasks, workers, device)
         model_rate = _model_only(runner, read_px or opts.grid.patch_px, opts.batch_size, n_loader, device)
         stats = RunStats()
         with tempfile.TemporaryDirectory(prefix="wsi-embed-bench-") as out:
             per_slide_cap = max_patches if len(paths) == 1 else None
-            jobs = [SlideJob(p, f"{i:05d}-{slide_id_for(p)}") for i, p in enumerate(paths)]
             results = list(embed_slides(jobs, out, [encoder], weights, replace(opts, max_patches=per_slide_cap),
                                         stats=stats))
         naive_rate = _naive(tasks, read_px, opts.grid.patch_px, encoder.config.mean, encoder.config.std,

@@ -51,8 +51,8 @@ class EncoderRunner:
         self.precision = precision
         cfg = encoder.config
         self.input_size = int(cfg.input_size)
-        self.mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)
+        self.mean255 = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.inv_std255 = 1.0 / (torch.tensor(cfg.std, device=device).view(1, 3, 1, 1) * 255.0)
         module = encoder.module.to(device).eval()
         self.channels_last = _is_cnn(module)
         if self.channels_last:
@@ -66,12 +66,13 @@ class EncoderRunner:
 
     def preprocess(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> (N, 3, S, S) normalized float32 at the encoder's input size."""
-        x = patches.permute(0, 3, 1, 2).float().div_(255.0)
+        # NHWC uint8 viewed as NCHW is already channels_last; /255 is folded into mean and std
+        x = patches.permute(0, 3, 1, 2).float()
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                               antialias=True, align_corners=False)
-        x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        x = x.sub_(self.mean255).mul_(self.inv_std255)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
 
     @torch.inference_mode()
     def __call__(self, patches: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ this one computes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import OrderedDict
@@ -146,9 +147,11 @@ class TaskFeed(Sampler):
         return self._tasks
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int, *, nice: int = 0) -> None:
     _HANDLES.clear()  # handles inherited through fork belong to the parent
     torch.set_num_threads(1)
+    if nice:
+        os.nice(nice)
 
 
 def default_workers() -> int:
@@ -156,10 +159,14 @@ def default_workers() -> int:
     return max(1, min(16, cores - 1))  # one core stays with the main process (model, writer)
 
 
-def make_loader(tasks: Iterator, *, workers: int, pin_memory: bool, prefetch: int = 4) -> DataLoader:
+def make_loader(tasks: Iterator, *, workers: int, pin_memory: bool, prefetch: int = 4,
+                yield_cpu: bool = False) -> DataLoader:
+    """``yield_cpu``: workers run at a lower priority than the main process, so decoding fills
+    the gaps instead of stalling the encoder's threads (CPU) or the thread feeding the GPU."""
     kwargs = {}
     if workers > 0:
-        kwargs = dict(prefetch_factor=prefetch, worker_init_fn=_worker_init, persistent_workers=False)
+        init = functools.partial(_worker_init, nice=10 if yield_cpu else 0)
+        kwargs = dict(prefetch_factor=prefetch, worker_init_fn=init, persistent_workers=False)
     return DataLoader(
         RegionDataset(), batch_size=None, sampler=TaskFeed(tasks), num_workers=workers,
         pin_memory=pin_memory, collate_fn=None, **kwargs,

@@ -366,7 +366,9 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
 
     workers = default_workers() if opts.workers is None else opts.workers
     task_feed = feed()
-    loader = make_loader(task_feed, workers=workers, pin_memory=device.type == "cuda")
+    # workers yield the CPU to this process: on CPU it runs the encoder, on CUDA it must keep the
+    # GPU fed (with every core decoding, the main thread was starved: see README, Throughput)
+    loader = make_loader(task_feed, workers=workers, pin_memory=device.type == "cuda", yield_cpu=True)
     pending: list[tuple[torch.Tensor, list]] = []  # (patches on device, [(region, cell index)])
     stats = stats if stats is not None else RunStats()
     started = time.perf_counter()
@@ -494,6 +496,8 @@ def _finish(run: _SlideRun, pending: list, runners, opts: EmbedOptions, precisio
         result.status = "done"
     except WsiEmbedError as exc:
         _fail(run, str(exc), pending)
+    except OSError as exc:  # e.g. a full disk while committing: this slide fails, the cohort goes on
+        _fail(run, f"{run.job.slide_id}: cannot finish the store ({exc}); check free space and rerun", pending)
     _release(run)  # only after the store is renamed into place (or cleaned up)
     result.seconds = time.perf_counter() - run.started
     return result
@@ -502,7 +506,8 @@ def _finish(run: _SlideRun, pending: list, runners, opts: EmbedOptions, precisio
 def embed_slide(path: str | Path, out_dir: str | Path, models: Sequence = ("lunit-bt-rn50",),
                 weights: str = "auto", options: EmbedOptions = EmbedOptions(), *,
                 slide_id: str | None = None, slide_mpp: float | None = None) -> SlideResult:
-    """Embed one slide into ``<out_dir>/<slide_id>.zarr``; raise its error if it fails."""
+    """Embed one slide into ``<out_dir>/<slide_id>.zarr``. Returns its :class:`SlideResult`; a slide
+    that cannot be embedded comes back with ``status="failed"`` and the reason in ``error``."""
     job = SlideJob(Path(path), slide_id or slide_id_for(Path(path)), slide_mpp)
     (result,) = list(embed_slides([job], out_dir, models, weights, options))
     return result

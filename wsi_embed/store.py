@@ -10,6 +10,7 @@ Layout (see README, "Store layout")::
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -163,7 +164,7 @@ def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list
     """Delete temporaries left by killed runs (callers must hold the slide's lock, if any)."""
     out_dir = Path(out_dir)
     removed = []
-    pattern = f".{slide_id}.zarr{TMP_MARK}*" if slide_id else f".*.zarr{TMP_MARK}*"
+    pattern = f".{glob.escape(slide_id)}.zarr{TMP_MARK}*" if slide_id else f".*.zarr{TMP_MARK}*"
     for path in out_dir.glob(pattern):
         _remove(path)
         removed.append(path)

@@ -15,7 +15,7 @@ from .slide import Slide
 @dataclass(frozen=True)
 class TissueParams:
     thumb_mpp: float = 4.0  # µm/px of the thumbnail the mask is computed on
-    max_thumb_px: int = 3072  # cap on the longer side: memory stays flat for huge slides
+    max_thumb_px: int = 2048  # cap on the longer side: memory stays flat for huge slides
     min_saturation: float = 0.07  # Otsu never goes below this: blank glass is not tissue
     blur_um: float = 8.0
     closing_um: float = 16.0
@@ -74,18 +74,16 @@ def detect_tissue(thumb: Thumbnail, params: TissueParams) -> np.ndarray:
     um = math.sqrt(thumb.mpp_x * thumb.mpp_y)  # µm per thumbnail pixel
     # HSV saturation and value in float32 (rgb2hsv would make three float64 planes)
     rgb = thumb.image
-    value = rgb.max(axis=2).astype(np.float32)
-    chroma = value - rgb.min(axis=2).astype(np.float32)
-    saturation = np.divide(chroma, value, out=np.zeros_like(value), where=value > 0)
-    value /= 255.0
-    del chroma
+    value = rgb.max(axis=2)  # uint8: the big planes stay one byte per pixel where they can
+    saturation = (value - rgb.min(axis=2)).astype(np.float32)
+    np.divide(saturation, value, out=saturation, where=value > 0)
     saturation = filters.gaussian(saturation, sigma=max(0.5, params.blur_um / um), preserve_range=True)
     try:
         threshold = filters.threshold_otsu(saturation)
     except ValueError:  # a constant image
         threshold = 1.0
     # very dark, unsaturated pixels (pen, out-of-scan black) are not tissue
-    mask = (saturation > max(threshold, params.min_saturation)) & (value > 0.15)
+    mask = (saturation > max(threshold, params.min_saturation)) & (value > 38)  # V > 0.15
     radius = max(1, round(params.closing_um / um))
     mask = morphology.closing(mask, morphology.disk(radius))
     px_area = um * um

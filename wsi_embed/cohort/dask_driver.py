@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RETRIES = 2
 DEFAULT_ALLOWED_FAILURES = 1  # a slide may take down one worker (bad luck); the second time it is the slide
+# The workers' statistical profiler calls sys._current_frames() every 10 ms, which deadlocks
+# CPython 3.11 now and then (python/cpython#106883, dask/distributed#8616): a worker hung forever
+# reading a slide here. We need no profile, so the workers we start run without one.
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
 
 
 # -- worker side -------------------------------------------------------------------------------
@@ -144,7 +148,8 @@ class SlurmSettings:
             kwargs["job_extra_directives"] = directives
         # Let the worker fork DataLoader workers (see module doc).
         prologue = list(kwargs.pop("job_script_prologue", []))
-        kwargs["job_script_prologue"] = ["export DASK_DISTRIBUTED__WORKER__DAEMON=False", *prologue]
+        kwargs["job_script_prologue"] = ["export DASK_DISTRIBUTED__WORKER__DAEMON=False",
+                                         "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False", *prologue]
         if log_directory is not None:
             kwargs.setdefault("log_directory", str(log_directory))
         kwargs.setdefault("scheduler_options", {"dashboard_address": ":0"})
@@ -273,7 +278,7 @@ def run_cohort_dask(jobs: Sequence[SlideJob], out_dir: str | os.PathLike, models
     from distributed.scheduler import KilledWorker
 
     # Read by the scheduler when it starts (local and SLURM clusters run it in this process).
-    with dask.config.set({"distributed.scheduler.allowed-failures": allowed_failures}), \
+    with dask.config.set({"distributed.scheduler.allowed-failures": allowed_failures, **WORKER_CONFIG}), \
             open_client(cluster, options, slurm=slurm, n_workers=n_workers,
                         log_directory=out_dir / "logs") as (client, plan):
         log.info("%s: %d slides to embed", plan.description, len(todo))
