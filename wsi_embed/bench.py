@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .infer import EncoderRunner, select_device, select_precision
-from .loader import EndOfSlide, default_workers, make_loader, region_task, release_handles
+from .loader import EndOfSlide, cpu_cores, default_workers, make_loader, region_task, release_handles
 from .grid import plan_regions
 from .pipeline import EmbedOptions, RunStats, analyse_slide, embed_slides
 from .slide import open_slide, resolve_mpp
@@ -172,7 +172,10 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
     paths = [job.path for job in jobs]
     device = select_device(options.device)
     precision = select_precision(options.precision, device)
-    workers = default_workers() if options.workers is None else options.workers
+    workers = default_workers(device.type) if options.workers is None else options.workers
+    # the loader alone may use every core (no encoder competes); the pipeline's own default is
+    # what end-to-end uses
+    loader_workers = min(16, cpu_cores()) if options.workers is None else options.workers
     opts = replace(options, workers=workers, qc=False)
     encoder = load_encoder(model, weights)
     runner = EncoderRunner(encoder, device, precision, compile=opts.compile)
@@ -180,7 +183,7 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
         torch.cuda.reset_peak_memory_stats(device)
     with PeakRss() as rss:
         tasks, read_px = _plan(paths, opts, max_patches)
-        n_loader, t_loader = _loader_only(tasks, workers, device)
+        n_loader, t_loader = _loader_only(tasks, loader_workers, device)
         model_rate = _model_only(runner, read_px or opts.grid.patch_px, opts.batch_size, n_loader, device)
         stats = RunStats()
         with tempfile.TemporaryDirectory(prefix="wsi-embed-bench-") as out:
@@ -204,6 +207,7 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
         "precision": precision,
         "batch_size": opts.batch_size,
         "workers": workers,
+        "loader_workers": loader_workers,
         "read_px": read_px,
         "input_size": encoder.config.input_size,
         "loader_patches_per_s": round(loader_rate, 2),

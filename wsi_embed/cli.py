@@ -110,7 +110,7 @@ def embed(
     min_tissue: float = typer.Option(0.25, help="Embed cells whose tissue fraction is at least this."),
     slide_mpp: Optional[float] = typer.Option(None, help="µm/px to use for slides without resolution metadata."),
     backend: str = typer.Option("auto", help="auto | openslide | tiffslide"),
-    workers: Optional[int] = typer.Option(None, help="Loader worker processes (default: cores - 1)."),
+    workers: Optional[int] = typer.Option(None, help="Loader worker processes (default: one per core up to 16 on GPU; cores // 8, 1-4, on CPU)."),
     batch_size: int = typer.Option(64, help="Patches per encoder batch."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)"),
@@ -154,6 +154,10 @@ def embed(
             backend=backend, dtype=dtype, workers=workers, batch_size=batch_size, device=device,
             precision=precision, compile=compile, overwrite=overwrite, lock_stale_after=lock_stale_after)
         models_ = [m.strip() for m in model.split(",") if m.strip()]
+        if not models_:
+            _fail(f"--model {model!r} names no model; see `wsi-embed models`")
+        if slide_mpp is not None and not (0 < slide_mpp < float("inf")):
+            _fail(f"--slide-mpp must be a positive number of µm/px, got {slide_mpp}")
         if not slides and slide_list is None:
             _fail("no slides given: pass slide files or directories, or --list FILE")
         jobs = plan_cohort(slides or [], slide_list, slide_mpp=slide_mpp, shard=parse_shard(shard))
@@ -202,7 +206,7 @@ def bench(
     model: str = typer.Option("lunit-bt-rn50", "--model", "-m"),
     weights: str = typer.Option("random", help="Speed does not depend on the weights: random by default."),
     batch_size: int = typer.Option(64),
-    workers: Optional[int] = typer.Option(None, help="Loader processes (default: cores - 1)."),
+    workers: Optional[int] = typer.Option(None, help="Loader processes for every phase (default: all cores for loader-only, the embed default otherwise)."),
     device: str = typer.Option("auto"),
     precision: str = typer.Option("auto"),
     mpp: float = typer.Option(0.5),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -112,7 +113,14 @@ class _HandleCache:
         self._open.clear()
 
 
-_HANDLES = _HandleCache()
+class _ThreadHandles(threading.local):
+    """One cache per thread: dask workers run several in-process slides in threads at once."""
+
+    def __init__(self) -> None:
+        self.cache = _HandleCache()
+
+
+_HANDLES_BY_THREAD = _ThreadHandles()
 
 
 class RegionDataset(Dataset):
@@ -122,7 +130,7 @@ class RegionDataset(Dataset):
         if isinstance(task, EndOfSlide):
             return task
         try:
-            slide = _HANDLES.get(task.path, task.backend)
+            slide = _HANDLES_BY_THREAD.cache.get(task.path, task.backend)
             block = slide.read_region(task.location, task.level, task.size)
             patches = cut_patches(block, task.offsets, task.read_px)
             return RegionBatch(task.slide_key, task.region, patches)
@@ -148,15 +156,24 @@ class TaskFeed(Sampler):
 
 
 def _worker_init(_: int, *, nice: int = 0) -> None:
-    _HANDLES.clear()  # handles inherited through fork belong to the parent
+    _HANDLES_BY_THREAD.cache.clear()  # handles inherited through fork belong to the parent
     torch.set_num_threads(1)
     if nice:
         os.nice(nice)
 
 
-def default_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, cores - 1))  # one core stays with the main process (model, writer)
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers(device_type: str = "cuda") -> int:
+    """On a GPU every core can decode (workers run niced, the main thread keeps what it needs).
+    On CPU the encoder needs the cores and one worker decodes ~1000 patches/s, far more than a CPU
+    encoder consumes, so a few suffice."""
+    cores = cpu_cores()
+    if device_type == "cpu":
+        return max(1, min(4, cores // 8))
+    return max(1, min(16, cores))
 
 
 def make_loader(tasks: Iterator, *, workers: int, pin_memory: bool, prefetch: int = 4,
@@ -174,4 +191,4 @@ def make_loader(tasks: Iterator, *, workers: int, pin_memory: bool, prefetch: in
 
 
 def release_handles() -> None:
-    _HANDLES.clear()
+    _HANDLES_BY_THREAD.cache.clear()

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+import zarr
 
 from .errors import (InvalidOption, OutputNotWritable, StoreConflict, UnknownModel, WeightsMismatch,
                      WeightsUnavailable, WsiEmbedError)
@@ -25,7 +26,7 @@ from .infer import EncoderRunner, select_device, select_precision
 from .loader import EndOfSlide, RegionBatch, default_workers, make_loader, region_task, release_handles
 from .locks import DEFAULT_STALE_AFTER, LockLost, try_lock
 from .qc import render_qc, write_png_atomic
-from .slide import describe, open_slide, resolve_mpp
+from .slide import BACKENDS, describe, fingerprint, open_slide, resolve_mpp
 from .store import (EMBEDDING_DTYPES, StoreWriter, completed_encoders, ensure_writable, group_name,
                     remove_stale_temporaries, store_path)
 from .tissue import TissueParams, cell_tissue_fraction, detect_tissue, read_thumbnail
@@ -42,7 +43,7 @@ class EmbedOptions:
     dtype: str = "float16"
     block: int | None = None  # cells per region side (and Zarr chunk side); None: tile-aligned
     max_patches: int | None = None  # embed only the first N tissue cells (benchmarks)
-    workers: int | None = None  # None: cores - 1
+    workers: int | None = None  # None: one per core (at most 16) on GPU, cores // 8 (1-4) on CPU
     batch_size: int = 64
     device: str = "auto"
     precision: str = "auto"
@@ -60,6 +61,8 @@ class EmbedOptions:
             raise InvalidOption(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
             raise InvalidOption(f"--workers must be >= 0, got {self.workers}")
+        if self.backend not in BACKENDS:
+            raise InvalidOption(f"unknown --backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
 
 
 @dataclass(frozen=True)
@@ -141,35 +144,41 @@ class _RegionBuffer:
     remaining: int
 
 
-def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: EmbedOptions):
+def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: EmbedOptions, precision: str):
     """Open, measure, find tissue, plan the grid and open the store. Returns (run, tasks)."""
     run = _SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed"))
     final = store_path(out_dir, job.slide_id)
     todo = pending_encoders(out_dir, job.slide_id, [e.config.name for e in encoders], opts.overwrite)
     remove_stale_temporaries(out_dir, job.slide_id)
-    append = final.exists() and not opts.overwrite and bool(completed_encoders(final))
+    append = final.exists() and bool(completed_encoders(final))
+    if append and opts.overwrite and not _same_geometry(final, job, opts):
+        append = False  # --overwrite with other grid options or another slide: rebuild it all
+        log.warning("%s: rebuilt for the new options; its other encoder groups are dropped", final)
     slide = open_slide(job.path, backend=opts.backend)
+    writer = StoreWriter(final, append=append)
     try:
         mpp = resolve_mpp(slide, job.slide_mpp)
-        writer = StoreWriter(final, append=append)
-        if append:
-            grid, mask = _reuse_geometry(writer, opts, final)
+        if append:  # add (or, under --overwrite, replace) groups; other groups are kept
+            grid, mask = _reuse_geometry(writer, job, opts, final)
             block = int(writer.open_existing()["mask"].chunks[0])  # regions must match its chunks
         else:
             grid, mask, block = _new_geometry(slide, mpp, job, writer, opts, run)
         backend = slide.backend
+        for enc in encoders:
+            if enc.config.name not in todo:
+                continue
+            attrs = {**enc.attrs(), "precision": precision, "dtype": opts.dtype,
+                     "input_resized": grid.read_px != enc.config.input_size,
+                     "input_resize": f"{grid.read_px}px read -> {enc.config.input_size}px encoder input"}
+            run.groups[enc.config.name] = writer.add_encoder(
+                enc.config.name, dim=enc.config.dim, dtype=opts.dtype, chunk=block, attrs=attrs)
+    except BaseException:
+        writer.abort()  # nothing half-written stays behind
+        raise
     finally:
         slide.close()
     run.writer, run.grid, run.block = writer, grid, block
     chunk = block
-    for enc in encoders:
-        if enc.config.name not in todo:
-            continue
-        attrs = {**enc.attrs(), "precision": None, "dtype": opts.dtype,
-                 "input_resized": grid.read_px != enc.config.input_size,
-                 "input_resize": f"{grid.read_px}px read -> {enc.config.input_size}px encoder input"}
-        run.groups[enc.config.name] = writer.add_encoder(
-            enc.config.name, dim=enc.config.dim, dtype=opts.dtype, chunk=chunk, attrs=attrs)
     regions = plan_regions(grid, mask, chunk)
     for region in regions:
         blocks = {n: None for n in run.groups}
@@ -239,8 +248,20 @@ def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run:
     return grid, mask, geo.block
 
 
-def _reuse_geometry(writer: StoreWriter, opts: EmbedOptions, final: Path):
-    root = writer.open_existing()
+def _same_geometry(final: Path, job: SlideJob, opts: EmbedOptions) -> bool:
+    try:
+        _check_geometry(zarr.open_group(str(final), mode="r", zarr_format=3), job, opts, final)
+    except StoreConflict:
+        return False
+    return True
+
+
+def _check_geometry(root, job: SlideJob, opts: EmbedOptions, final: Path) -> None:
+    """The store must be of this slide and this grid before groups are added to it."""
+    if root.attrs["slide"].get("fingerprint") != fingerprint(job.path):
+        raise StoreConflict(
+            f"{final}: holds embeddings of another file ({root.attrs['slide'].get('path')}), not {job.path}; "
+            "use another --out, or --overwrite to replace it")
     g = dict(root.attrs["grid"])
     wanted = (opts.grid.mpp, opts.grid.patch_px, opts.grid.stride, opts.min_tissue)
     have = (g["target_mpp"], g["patch_px"], g["stride_px"], root.attrs["tissue"]["min_tissue"])
@@ -248,6 +269,12 @@ def _reuse_geometry(writer: StoreWriter, opts: EmbedOptions, final: Path):
         raise StoreConflict(
             f"{final}: exists with another grid (mpp, patch, stride, min-tissue = {have}, asked {wanted}); "
             "use --overwrite to rebuild it or choose another --out")
+
+
+def _reuse_geometry(writer: StoreWriter, job: SlideJob, opts: EmbedOptions, final: Path):
+    root = writer.open_existing()
+    _check_geometry(root, job, opts, final)
+    g = dict(root.attrs["grid"])
     fields = {k: g[k] for k in Grid.__dataclass_fields__}
     fields["origin_level"] = tuple(fields["origin_level"])
     return Grid(**fields), root["mask"][...]
@@ -277,9 +304,14 @@ class _Models:
         if not self.encoders:
             from .encoders import Encoder, load_encoder
 
-            self.encoders = [m if isinstance(m, Encoder) else load_encoder(m, self._weights) for m in self._models]
-            self.runners = [EncoderRunner(e, self._device, self._precision, compile=self._compile)
-                            for e in self.encoders]
+            encoders = [m if isinstance(m, Encoder) else load_encoder(m, self._weights) for m in self._models]
+            try:
+                runners = [EncoderRunner(e, self._device, self._precision, compile=self._compile)
+                           for e in encoders]
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:  # e.g. a GPU that is full
+                raise InvalidOption(f"cannot put the encoders on {self._device}: {exc}; "
+                                    "free the device or choose another with --device") from exc
+            self.encoders, self.runners = encoders, runners  # together, so a failure leaves neither
         return self.encoders
 
 
@@ -311,7 +343,11 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
         if not pending_encoders(out_dir, job.slide_id, models_.names, opts.overwrite):
             run = _skipped(job, models_.names, out_dir)
         else:
-            lock, owner = try_lock(out_dir, job.slide_id, stale_after=opts.lock_stale_after)
+            try:
+                lock, owner = try_lock(out_dir, job.slide_id, stale_after=opts.lock_stale_after)
+            except OSError as exc:
+                raise OutputNotWritable(f"{out_dir}: cannot create the lock for {job.slide_id} ({exc}); "
+                                        "check the output directory (free space, permissions)") from exc
             if lock is not None:
                 held[:] = [h for h in held if not h.released] + [lock]
             if lock is None:  # another live process is embedding it: not a failure
@@ -324,7 +360,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
             try:
                 _preflight(job, opts)  # a bad slide fails fast, before any model is loaded
                 encoders = models_.load()  # errors here concern every slide: they raise
-                run, tasks = _prepare(job, key, out_dir, encoders, opts)
+                run, tasks = _prepare(job, key, out_dir, encoders, opts, precision)
             except _EVERY_SLIDE:
                 lock.release()
                 raise
@@ -364,7 +400,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 yield from tasks
                 yield EndOfSlide(key)
 
-    workers = default_workers() if opts.workers is None else opts.workers
+    workers = default_workers(device.type) if opts.workers is None else opts.workers
     task_feed = feed()
     # workers yield the CPU to this process: on CPU it runs the encoder, on CUDA it must keep the
     # GPU fed (with every core decoding, the main thread was starved: see README, Throughput)
@@ -395,12 +431,20 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 _fail(run, item.error, pending)
                 continue
             stats.patches += item.patches.shape[0]
-            patches = item.patches.to(device, non_blocking=True)
-            pending.append((patches, [(item.region, i) for i in range(patches.shape[0])]))
-            if sum(p.shape[0] for p, _ in pending) >= opts.batch_size:
-                _run_batches(run, pending, models_.runners, opts, flush=False)
-                if progress is not None:
-                    progress(run.job.slide_id, run.cells_done, run.result.cells)
+            try:
+                patches = item.patches.to(device, non_blocking=True)
+                pending.append((patches, [(item.region, i) for i in range(patches.shape[0])]))
+                if sum(p.shape[0] for p, _ in pending) >= opts.batch_size:
+                    _run_batches(run, pending, models_.runners, opts, flush=False)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise InvalidOption(f"the GPU ran out of memory at --batch-size {opts.batch_size}; "
+                                    "lower --batch-size") from exc
+            except OSError as exc:  # e.g. the disk filled while writing embeddings: this slide fails
+                _fail(run, f"{run.job.slide_id}: cannot write its store ({exc}); check free space and rerun",
+                      pending)
+                continue
+            if progress is not None:
+                progress(run.job.slide_id, run.cells_done, run.result.cells)
     finally:
         stats.total_s = time.perf_counter() - started
         del items  # stops the workers
@@ -486,18 +530,22 @@ def _finish(run: _SlideRun, pending: list, runners, opts: EmbedOptions, precisio
         if run.lock is not None and not run.lock.held():  # judged dead and taken over: do not commit
             raise LockLost(f"{run.job.path}: another process took over {run.lock.path}; "
                            "this run's copy is discarded (raise --lock-stale-after if hosts are slow)")
-        for name, group in run.groups.items():
-            run.writer.mark_complete(group, {"precision": precision})
-        qc_path = None
-        if run.qc_image is not None:
-            qc_path = write_png_atomic(run.qc_image, run.writer.final.with_name(f"{run.job.slide_id}.qc.png"))
+        for group in run.groups.values():
+            run.writer.mark_complete(group)
         result.store = str(run.writer.commit())
-        result.qc = str(qc_path) if qc_path else None
         result.status = "done"
+        if run.qc_image is not None:  # after the commit: no picture without its store
+            result.qc = str(write_png_atomic(run.qc_image, run.writer.final.with_name(f"{run.job.slide_id}.qc.png")))
     except WsiEmbedError as exc:
         _fail(run, str(exc), pending)
     except OSError as exc:  # e.g. a full disk while committing: this slide fails, the cohort goes on
-        _fail(run, f"{run.job.slide_id}: cannot finish the store ({exc}); check free space and rerun", pending)
+        if result.status == "done":
+            log.warning("%s: store complete, but the QC picture could not be written (%s)", run.job.slide_id, exc)
+        else:
+            _fail(run, f"{run.job.slide_id}: cannot finish the store ({exc}); check free space and rerun", pending)
+    except RuntimeError as exc:  # an internal inconsistency: this slide fails loudly, the cohort goes on
+        log.exception("internal error finishing %s", run.job.path)
+        _fail(run, f"{run.job.path}: internal error ({exc}); please report it", pending)
     _release(run)  # only after the store is renamed into place (or cleaned up)
     result.seconds = time.perf_counter() - run.started
     return result

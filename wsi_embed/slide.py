@@ -129,7 +129,7 @@ class Slide:
         inside = (cx0, cy0, cx1, cy1) == (lx, ly, lx + w, ly + h)
         if cx1 <= cx0 or cy1 <= cy0:
             return np.full((h, w, 3), BACKGROUND, dtype=np.uint8)
-        loc0 = (int(round(cx0 * ds)), int(round(cy0 * ds)))
+        loc0 = self._level0(cx0, cy0, ds)
         try:
             pixels = self._read(loc0, level, (cx1 - cx0, cy1 - cy0))
         except Exception as exc:  # backends raise assorted codec/IO errors on damaged files
@@ -145,6 +145,10 @@ class Slide:
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         raise NotImplementedError
+
+    def _level0(self, lx: int, ly: int, ds: float) -> tuple[int, int]:
+        """Level-0 location of level pixel (lx, ly) as this backend maps it back."""
+        return int(round(lx * ds)), int(round(ly * ds))
 
     def close(self) -> None:
         self._handle.close()
@@ -166,6 +170,11 @@ class _OpenSlide(Slide):
 
 
 class _TiffSlide(Slide):
+    def _level0(self, lx, ly, ds):
+        # tiffslide truncates location / downsample; with downsamples like 4.0001 rounding would
+        # land one level pixel early, so take the smallest level-0 coordinate at or past it
+        return int(math.ceil(lx * ds - 1e-9)), int(math.ceil(ly * ds - 1e-9))
+
     def _read(self, location, level, size):
         arr = self._handle.read_region(location, level, size, as_array=True)
         if arr.ndim == 2:

@@ -128,8 +128,8 @@ class StoreWriter:
         self._groups[name] = (self.root_path / tmp_node, self.root_path / node)
         return EncoderGroupWriter(name, array, group)
 
-    def mark_complete(self, writer: EncoderGroupWriter, extra: dict | None = None) -> None:
-        writer.group.attrs.update({**(extra or {}), "complete": True})  # written last
+    def mark_complete(self, writer: EncoderGroupWriter) -> None:
+        writer.group.attrs.update({"complete": True})  # written last
 
     def commit(self) -> Path:
         """Move everything into place. Safe against crashes at any point: see module doc."""
@@ -161,13 +161,18 @@ class StoreWriter:
 
 
 def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list[Path]:
-    """Delete temporaries left by killed runs (callers must hold the slide's lock, if any)."""
+    """Delete temporaries left by killed runs (callers must hold the slide's lock, if any): temporary
+    stores, swapped-out old stores, temporary QC pictures, temporary groups inside a store."""
     out_dir = Path(out_dir)
+    sid = glob.escape(slide_id) if slide_id else "*"
     removed = []
-    pattern = f".{glob.escape(slide_id)}.zarr{TMP_MARK}*" if slide_id else f".*.zarr{TMP_MARK}*"
-    for path in out_dir.glob(pattern):
-        _remove(path)
-        removed.append(path)
+    for pattern in (f".{sid}.zarr{TMP_MARK}*", f".{sid}.zarr.old{TMP_MARK}*", f".{sid}.qc.png.tmp-*"):
+        for path in out_dir.glob(pattern):
+            if path.is_dir():
+                _remove(path)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
     if slide_id:
         store = store_path(out_dir, slide_id)
         if store.is_dir():

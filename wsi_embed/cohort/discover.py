@@ -169,6 +169,10 @@ def assign_ids(entries: Sequence[SlideEntry]) -> list[SlideJob]:
     """
     base_ids = [e.slide_id or _natural_id(e.path) for e in entries]
     explicit = [e.slide_id is not None for e in entries]
+    for entry, sid in zip(entries, base_ids):
+        if not sid or sid.startswith(".") or any(c in sid for c in '/\\\0'):
+            raise InvalidOption(f"slide id {sid!r} for {entry.path} cannot name a store (no '/', '\\', "
+                                "leading '.' or empty ids); fix the slide_id column or rename the file")
     groups: dict[str, list[int]] = {}
     for i, sid in enumerate(base_ids):
         groups.setdefault(sid.casefold(), []).append(i)

@@ -18,6 +18,7 @@ import socket
 import time
 from pathlib import Path
 
+from ..errors import OutputNotWritable
 from ..pipeline import SlideResult
 
 FIELDS = ("timestamp", "host", "pid", "path", "slide_id", "status", "error", "note", "cells", "seconds",
@@ -47,6 +48,15 @@ class Manifest:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.jsonl = self.path.suffix.lower() in (".jsonl", ".ndjson")
+
+    def check_writable(self) -> None:
+        """Fail before any slide is embedded, not after the first one."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        except OSError as exc:
+            raise OutputNotWritable(f"{self.path}: the manifest cannot be written ({exc.strerror or exc}); "
+                                    "choose another --manifest") from exc
 
     def append(self, result: SlideResult, **extra) -> dict:
         row = {**manifest_row(result), **extra}

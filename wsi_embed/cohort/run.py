@@ -7,6 +7,7 @@ locked while embedded), so the same command can be rerun, or run twice at once, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..pipeline import EmbedOptions, SlideJob, SlideResult, embed_slides
+from ..store import ensure_writable
 from .discover import build_jobs
 from .manifest import Manifest
 from .shard import Shard
@@ -81,14 +83,18 @@ def run_cohort(jobs: Sequence[SlideJob], out_dir: str | os.PathLike, models: Seq
     """
     started = time.perf_counter()
     out_dir = Path(out_dir).absolute()  # manifest rows name stores that can be found from anywhere
+    ensure_writable(out_dir)
     book = Manifest(manifest or default_manifest(out_dir))
+    book.check_writable()
     summary = CohortSummary(total=len(jobs), manifest=book.path)
     try:
-        for result in embed_slides(jobs, out_dir, models, weights, options, progress=progress):
-            book.append(result)
-            summary.add(result)
-            if on_result is not None:
-                on_result(result)
+        # closing(): whatever stops the loop, the slide being prepared is cleaned up and unlocked
+        with contextlib.closing(embed_slides(jobs, out_dir, models, weights, options, progress=progress)) as results:
+            for result in results:
+                book.append(result)
+                summary.add(result)
+                if on_result is not None:
+                    on_result(result)
     finally:
         summary.seconds = time.perf_counter() - started
     return summary
