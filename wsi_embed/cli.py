@@ -110,7 +110,7 @@ def embed(
     min_tissue: float = typer.Option(0.25, help="Embed cells whose tissue fraction is at least this."),
     slide_mpp: Optional[float] = typer.Option(None, help="µm/px to use for slides without resolution metadata."),
     backend: str = typer.Option("auto", help="auto | openslide | tiffslide"),
-    workers: Optional[int] = typer.Option(None, help="Loader worker processes (default: one per core up to 16 on GPU; cores // 8, 1-4, on CPU)."),
+    workers: Optional[int] = typer.Option(None, help="Loader worker processes (default: one per core up to 16 on GPU; on CPU 0 below 8 cores, else cores // 8)."),
     batch_size: int = typer.Option(64, help="Patches per encoder batch."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)"),

@@ -168,11 +168,12 @@ def cpu_cores() -> int:
 
 def default_workers(device_type: str = "cuda") -> int:
     """On a GPU every core can decode (workers run niced, the main thread keeps what it needs).
-    On CPU the encoder needs the cores and one worker decodes ~1000 patches/s, far more than a CPU
-    encoder consumes, so a few suffice."""
+    On CPU the encoder needs the cores: one core decodes ~1000 patches/s, far more than a CPU
+    encoder consumes, and a worker process competing with the encoder's threads costs more than
+    decoding in between batches, so small machines decode in-process."""
     cores = cpu_cores()
     if device_type == "cpu":
-        return max(1, min(4, cores // 8))
+        return 0 if cores < 8 else min(4, cores // 8)
     return max(1, min(16, cores))
 
 

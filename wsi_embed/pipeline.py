@@ -43,7 +43,7 @@ class EmbedOptions:
     dtype: str = "float16"
     block: int | None = None  # cells per region side (and Zarr chunk side); None: tile-aligned
     max_patches: int | None = None  # embed only the first N tissue cells (benchmarks)
-    workers: int | None = None  # None: one per core (at most 16) on GPU, cores // 8 (1-4) on CPU
+    workers: int | None = None  # None: see loader.default_workers
     batch_size: int = 64
     device: str = "auto"
     precision: str = "auto"
