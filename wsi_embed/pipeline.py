@@ -390,13 +390,13 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
             submit()
             while queued:
                 key, future = queued.popleft()
-                submit()
                 try:
                     tasks = future.result()
                 except BaseException:
                     for _, other in queued:
                         other.cancel()
                     raise
+                submit()  # after, not before: a run-wide error (weights, device) is met only once
                 yield from tasks
                 yield EndOfSlide(key)
 
