@@ -53,7 +53,12 @@ class Manifest:
         """Fail before any slide is embedded, not after the first one."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+            if self.path.exists():
+                os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND))
+            else:  # probe beside it, so a run that stops early leaves no empty manifest behind
+                probe = self.path.with_name(f".{self.path.name}.probe-{os.getpid()}")
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                probe.unlink()
         except OSError as exc:
             raise OutputNotWritable(f"{self.path}: the manifest cannot be written ({exc.strerror or exc}); "
                                     "choose another --manifest") from exc
