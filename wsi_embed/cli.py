@@ -50,11 +50,12 @@ def info(slide: Path = typer.Argument(..., help="Slide file."),
          backend: str = typer.Option("auto", help="auto | openslide | tiffslide"),
          slide_mpp: Optional[float] = typer.Option(None, help="µm/px to use when the slide has none.")):
     """Level-0 size, levels, downsamples, mpp and its source, vendor and objective power."""
-    from .slide import describe, open_slide, resolve_mpp
+    from .slide import describe, ensure_intact, open_slide, resolve_mpp
 
     _setup_logging(False)
     try:
         with open_slide(slide, backend=backend) as s:
+            ensure_intact(slide)
             try:
                 mpp = resolve_mpp(s, slide_mpp)
             except WsiEmbedError:

@@ -72,7 +72,7 @@ class EncoderRunner:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                               antialias=True, align_corners=False)
         x = x.sub_(self.mean255).mul_(self.inv_std255)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.inference_mode()
     def __call__(self, patches: torch.Tensor) -> torch.Tensor:

@@ -18,20 +18,20 @@ import zarr
 
 from .errors import (InvalidOption, OutputNotWritable, StoreConflict, UnknownModel, WeightsMismatch,
                      WeightsUnavailable, WsiEmbedError)
-
-# Errors that concern the whole run, not one slide: they stop it instead of failing a slide.
-_EVERY_SLIDE = (WeightsUnavailable, WeightsMismatch, UnknownModel, InvalidOption, OutputNotWritable)
 from .grid import Grid, GridSpec, choose_block, plan_grid, plan_regions
 from .infer import EncoderRunner, select_device, select_precision
 from .loader import EndOfSlide, RegionBatch, default_workers, make_loader, region_task, release_handles
 from .locks import DEFAULT_STALE_AFTER, LockLost, try_lock
 from .qc import render_qc, write_png_atomic
-from .slide import BACKENDS, describe, fingerprint, open_slide, resolve_mpp
+from .slide import BACKENDS, describe, ensure_intact, fingerprint, open_slide, resolve_mpp
 from .store import (EMBEDDING_DTYPES, StoreWriter, completed_encoders, ensure_writable, group_name,
                     remove_stale_temporaries, store_path)
 from .tissue import TissueParams, cell_tissue_fraction, detect_tissue, read_thumbnail
 
 log = logging.getLogger(__name__)
+
+# Errors that concern the whole run, not one slide: they stop it instead of failing a slide.
+_EVERY_SLIDE = (WeightsUnavailable, WeightsMismatch, UnknownModel, InvalidOption, OutputNotWritable)
 
 
 @dataclass(frozen=True)
@@ -151,16 +151,18 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
     todo = pending_encoders(out_dir, job.slide_id, [e.config.name for e in encoders], opts.overwrite)
     remove_stale_temporaries(out_dir, job.slide_id)
     append = final.exists() and bool(completed_encoders(final))
-    if append and opts.overwrite and not _same_geometry(final, job, opts):
-        append = False  # --overwrite with other grid options or another slide: rebuild it all
+    conflict = _geometry_conflict(final, job, opts) if append else None
+    if conflict and not opts.overwrite:
+        raise StoreConflict(conflict)
+    if conflict:  # --overwrite with other grid options or another slide: rebuild it all
+        append = False
         log.warning("%s: rebuilt for the new options; its other encoder groups are dropped", final)
     slide = open_slide(job.path, backend=opts.backend)
     writer = StoreWriter(final, append=append)
     try:
         mpp = resolve_mpp(slide, job.slide_mpp)
         if append:  # add (or, under --overwrite, replace) groups; other groups are kept
-            grid, mask = _reuse_geometry(writer, job, opts, final)
-            block = int(writer.open_existing()["mask"].chunks[0])  # regions must match its chunks
+            grid, mask, block = _reuse_geometry(writer)
         else:
             grid, mask, block = _new_geometry(slide, mpp, job, writer, opts, run)
         backend = slide.backend
@@ -178,8 +180,7 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
     finally:
         slide.close()
     run.writer, run.grid, run.block = writer, grid, block
-    chunk = block
-    regions = plan_regions(grid, mask, chunk)
+    regions = plan_regions(grid, mask, block)
     for region in regions:
         blocks = {n: None for n in run.groups}
         run.regions[region.index] = _RegionBuffer(region.r0, region.c0, region.cells, blocks, len(region.cells))
@@ -192,6 +193,7 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
 def _preflight(job: SlideJob, opts: EmbedOptions) -> None:
     with open_slide(job.path, backend=opts.backend) as slide:
         resolve_mpp(slide, job.slide_mpp)
+    ensure_intact(job.path)
 
 
 @dataclass
@@ -248,36 +250,29 @@ def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run:
     return grid, mask, geo.block
 
 
-def _same_geometry(final: Path, job: SlideJob, opts: EmbedOptions) -> bool:
-    try:
-        _check_geometry(zarr.open_group(str(final), mode="r", zarr_format=3), job, opts, final)
-    except StoreConflict:
-        return False
-    return True
-
-
-def _check_geometry(root, job: SlideJob, opts: EmbedOptions, final: Path) -> None:
-    """The store must be of this slide and this grid before groups are added to it."""
+def _geometry_conflict(final: Path, job: SlideJob, opts: EmbedOptions) -> str | None:
+    """Why groups cannot be added to this existing store: another slide file or another grid."""
+    root = zarr.open_group(str(final), mode="r", zarr_format=3)
     if root.attrs["slide"].get("fingerprint") != fingerprint(job.path):
-        raise StoreConflict(
-            f"{final}: holds embeddings of another file ({root.attrs['slide'].get('path')}), not {job.path}; "
-            "use another --out, or --overwrite to replace it")
+        return (f"{final}: holds embeddings of another file ({root.attrs['slide'].get('path')}), not {job.path}; "
+                "use another --out, or --overwrite to replace it")
     g = dict(root.attrs["grid"])
     wanted = (opts.grid.mpp, opts.grid.patch_px, opts.grid.stride, opts.min_tissue)
     have = (g["target_mpp"], g["patch_px"], g["stride_px"], root.attrs["tissue"]["min_tissue"])
     if not all(math.isclose(a, b) for a, b in zip(wanted, have)):
-        raise StoreConflict(
-            f"{final}: exists with another grid (mpp, patch, stride, min-tissue = {have}, asked {wanted}); "
-            "use --overwrite to rebuild it or choose another --out")
+        return (f"{final}: exists with another grid (mpp, patch, stride, min-tissue = {have}, asked {wanted}); "
+                "use --overwrite to rebuild it or choose another --out")
+    return None
 
 
-def _reuse_geometry(writer: StoreWriter, job: SlideJob, opts: EmbedOptions, final: Path):
+def _reuse_geometry(writer: StoreWriter):
+    """The existing store's grid, mask and chunk side (new regions must match its chunks)."""
     root = writer.open_existing()
-    _check_geometry(root, job, opts, final)
     g = dict(root.attrs["grid"])
     fields = {k: g[k] for k in Grid.__dataclass_fields__}
     fields["origin_level"] = tuple(fields["origin_level"])
-    return Grid(**fields), root["mask"][...]
+    mask = root["mask"]
+    return Grid(**fields), mask[...], int(mask.chunks[0])
 
 
 # -- the streaming loop ------------------------------------------------------------------------
@@ -402,8 +397,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
 
     workers = default_workers(device.type) if opts.workers is None else opts.workers
     task_feed = feed()
-    # workers yield the CPU to this process: on CPU it runs the encoder, on CUDA it must keep the
-    # GPU fed (with every core decoding, the main thread was starved: see README, Throughput)
+    # workers yield the CPU to this process: on CPU it runs the encoder, on CUDA it keeps the GPU fed
     loader = make_loader(task_feed, workers=workers, pin_memory=device.type == "cuda", yield_cpu=True)
     pending: list[tuple[torch.Tensor, list]] = []  # (patches on device, [(region, cell index)])
     stats = stats if stats is not None else RunStats()

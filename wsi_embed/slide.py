@@ -212,10 +212,11 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto") -> Slide:
         raise SlideNotFound(f"{path}: no such file; check the path")
     if path.is_dir() and path.suffix.lower() != ".zarr":
         raise UnreadableSlide(f"{path}: is a directory, not a slide file; pass the slide file itself")
+    is_tiff = _looks_like_tiff(path)
     if backend == "auto":
         # tiffslide decodes TIFF-family slides several times faster (no ARGB round trip);
         # openslide covers every other vendor format
-        tiff_first = path.suffix.lower() in _TIFFSLIDE_FIRST and _looks_like_tiff(path)
+        tiff_first = path.suffix.lower() in _TIFFSLIDE_FIRST and is_tiff
         order = ("tiffslide", "openslide") if tiff_first else (
             ("openslide",) if _openslide_knows(path) else ("tiffslide",))
     else:
@@ -233,7 +234,7 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto") -> Slide:
     else:
         backend, exc = order[0], first_error
         detail = f"{type(exc).__name__}: {exc}"
-        if _looks_like_tiff(path) or path.stat().st_size == 0:
+        if is_tiff or path.stat().st_size == 0:
             raise UnreadableSlide(
                 f"{path}: the slide file is truncated or corrupt ({detail}); re-copy or re-export it"
             ) from exc
@@ -242,11 +243,16 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto") -> Slide:
             f"{path}: not a whole-slide image that {backend} can read ({detail}); "
             f"pass a slide file (.svs, .tif, .ndpi, .mrxs, ...) or try --backend {other}"
         ) from exc
+    return slide
+
+
+def ensure_intact(path: str | os.PathLike) -> None:
+    """Raise if a TIFF-family slide is truncated. Run once per slide before embedding (not on every
+    open: loader workers reopen slides and need not parse every directory again)."""
+    path = Path(path)
     damage = tiff_damage(path) if _looks_like_tiff(path) else None
     if damage:
-        slide.close()
         raise UnreadableSlide(f"{path}: the slide file is truncated or corrupt ({damage}); re-copy or re-export it")
-    return slide
 
 
 def tiff_damage(path: Path) -> str | None:
