@@ -18,7 +18,8 @@ import torch
 from .infer import EncoderRunner, select_device, select_precision
 from .loader import EndOfSlide, cpu_cores, default_workers, make_loader, region_task, release_handles
 from .grid import plan_regions
-from .pipeline import EmbedOptions, RunStats, analyse_slide, embed_slides
+from .jobs import EmbedOptions
+from .pipeline import RunStats, analyse_slide, embed_slides
 from .slide import open_slide, resolve_mpp
 
 

@@ -147,7 +147,7 @@ def embed(
     from .cohort.dask_driver import SlurmSettings
     from .cohort.progress import Progress
     from .grid import GridSpec
-    from .pipeline import EmbedOptions
+    from .jobs import EmbedOptions
 
     try:
         options = EmbedOptions(
@@ -221,7 +221,7 @@ def bench(
     _setup_logging(False)
     from .bench import run_bench
     from .grid import GridSpec
-    from .pipeline import EmbedOptions
+    from .jobs import EmbedOptions
 
     try:
         if not target.exists():

@@ -1,6 +1,8 @@
 """One error hierarchy. Each class says what went wrong; its message says what to do.
 
 The CLI prints ``str(error)`` on one line and exits non-zero; nothing here is a bug.
+:class:`RunWideError` subclasses concern every slide of a run (weights, device, options, the output
+folder): they stop the run. Every other error fails one slide and the cohort goes on.
 """
 
 from __future__ import annotations
@@ -8,6 +10,10 @@ from __future__ import annotations
 
 class WsiEmbedError(Exception):
     """Base class for every error caused by input, configuration or environment."""
+
+
+class RunWideError(WsiEmbedError):
+    """A problem every slide would meet: the run stops instead of failing each slide."""
 
 
 class SlideNotFound(WsiEmbedError, FileNotFoundError):
@@ -18,34 +24,54 @@ class UnreadableSlide(WsiEmbedError, ValueError):
     """The file exists but is not a slide, or is truncated/corrupt."""
 
 
+class UnsupportedSlide(UnreadableSlide):
+    """A valid file whose compression, pixel format or size this tool does not handle."""
+
+
+class SlideOutOfLimits(WsiEmbedError, ValueError):
+    """The slide claims a size, resolution or tile size that makes no physical sense."""
+
+
+class SlideChanged(WsiEmbedError, RuntimeError):
+    """The slide file changed while it was being embedded."""
+
+
 class MissingMpp(WsiEmbedError, ValueError):
     pass
 
 
-class OutputNotWritable(WsiEmbedError, PermissionError):
+class OutputNotWritable(RunWideError, PermissionError):
     pass
 
 
-class UnknownModel(WsiEmbedError, KeyError):
+class UnknownModel(RunWideError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
 
 
-class WeightsUnavailable(WsiEmbedError, RuntimeError):
+class WeightsUnavailable(RunWideError, RuntimeError):
     """Published weights are neither cached nor downloadable."""
 
 
-class WeightsMismatch(WsiEmbedError, ValueError):
+class WeightsMismatch(RunWideError, ValueError):
     """A weights file does not fit the chosen architecture."""
+
+
+class InvalidOption(RunWideError, ValueError):
+    pass
 
 
 class IncompleteStore(WsiEmbedError, ValueError):
     pass
 
 
+class CorruptStore(WsiEmbedError, ValueError):
+    """A store whose metadata or chunks are damaged (checksum, missing file, wrong values)."""
+
+
 class StoreConflict(WsiEmbedError, FileExistsError):
-    """A store exists for this slide with other grid settings."""
+    """A store exists for this slide with other grid settings, or for another slide file."""
 
 
-class InvalidOption(WsiEmbedError, ValueError):
-    pass
+class LockLost(WsiEmbedError, RuntimeError):
+    """Another process took over this slide's lock (we were judged dead); our work is discarded."""

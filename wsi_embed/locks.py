@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import WsiEmbedError
+from .errors import LockLost  # noqa: F401  (re-exported: it is raised about these locks)
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,6 @@ DEFAULT_STALE_AFTER = 3600.0  # seconds without a heartbeat before another host'
 HEARTBEAT_EVERY = 60.0
 _UNREADABLE_GRACE = 30.0  # a lock file being written right now may still be empty
 _GUARD_EXPIRES = 30.0  # a takeover takes milliseconds; an older guard was left by a dead process
-
-
-class LockLost(WsiEmbedError, RuntimeError):
-    """Another process took over this slide's lock (we were judged dead); our work is discarded."""
 
 
 @dataclass(frozen=True)

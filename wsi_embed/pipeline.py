@@ -8,7 +8,7 @@ import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -16,85 +16,19 @@ import numpy as np
 import torch
 import zarr
 
-from .errors import (InvalidOption, OutputNotWritable, StoreConflict, UnknownModel, WeightsMismatch,
-                     WeightsUnavailable, WsiEmbedError)
-from .grid import Grid, GridSpec, choose_block, plan_grid, plan_regions
+from .errors import InvalidOption, LockLost, OutputNotWritable, RunWideError, StoreConflict, WsiEmbedError
+from .grid import Grid, choose_block, plan_grid, plan_regions
 from .infer import EncoderRunner, select_device, select_precision
-from .loader import EndOfSlide, RegionBatch, default_workers, make_loader, region_task, release_handles
-from .locks import DEFAULT_STALE_AFTER, LockLost, try_lock
+from .loader import EndOfSlide, default_workers, make_loader, region_task, release_handles
+from .jobs import EmbedOptions, SlideJob, SlideResult, model_name, slide_id_for
+from .locks import try_lock
 from .qc import render_qc, write_png_atomic
-from .slide import BACKENDS, describe, ensure_intact, fingerprint, open_slide, resolve_mpp
-from .store import (EMBEDDING_DTYPES, StoreWriter, completed_encoders, ensure_writable, group_name,
+from .slide import describe, ensure_intact, fingerprint, open_slide, resolve_mpp
+from .store import (StoreWriter, completed_encoders, ensure_writable, group_name,
                     remove_stale_temporaries, store_path)
-from .tissue import TissueParams, cell_tissue_fraction, detect_tissue, read_thumbnail
+from .tissue import cell_tissue_fraction, detect_tissue, read_thumbnail
 
 log = logging.getLogger(__name__)
-
-# Errors that concern the whole run, not one slide: they stop it instead of failing a slide.
-_EVERY_SLIDE = (WeightsUnavailable, WeightsMismatch, UnknownModel, InvalidOption, OutputNotWritable)
-
-
-@dataclass(frozen=True)
-class EmbedOptions:
-    grid: GridSpec = field(default_factory=GridSpec)
-    min_tissue: float = 0.25
-    tissue: TissueParams = field(default_factory=TissueParams)
-    backend: str = "auto"
-    dtype: str = "float16"
-    block: int | None = None  # cells per region side (and Zarr chunk side); None: tile-aligned
-    max_patches: int | None = None  # embed only the first N tissue cells (benchmarks)
-    workers: int | None = None  # None: see loader.default_workers
-    batch_size: int = 64
-    device: str = "auto"
-    precision: str = "auto"
-    compile: bool = False
-    overwrite: bool = False
-    qc: bool = True
-    lock_stale_after: float = DEFAULT_STALE_AFTER  # s before another host's unrefreshed lock is stale
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.min_tissue <= 1.0:
-            raise InvalidOption(f"--min-tissue must be between 0 and 1, got {self.min_tissue}")
-        if self.dtype not in EMBEDDING_DTYPES:
-            raise InvalidOption(f"--dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {self.dtype}")
-        if self.batch_size < 1:
-            raise InvalidOption(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers is not None and self.workers < 0:
-            raise InvalidOption(f"--workers must be >= 0, got {self.workers}")
-        if self.backend not in BACKENDS:
-            raise InvalidOption(f"unknown --backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
-
-
-@dataclass(frozen=True)
-class SlideJob:
-    path: Path
-    slide_id: str
-    slide_mpp: float | None = None  # used only when the slide has no resolution metadata
-
-
-@dataclass
-class SlideResult:
-    path: str
-    slide_id: str
-    status: str  # done | skipped | failed
-    error: str | None = None
-    cells: int = 0
-    seconds: float = 0.0
-    encoders: list[str] = field(default_factory=list)
-    store: str | None = None
-    qc: str | None = None
-    note: str | None = None  # why a slide was skipped: "complete" or "locked by host:pid"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def slide_id_for(path: Path) -> str:
-    name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def pending_encoders(out_dir: Path, slide_id: str, names: Sequence[str], overwrite: bool) -> list[str]:
@@ -276,18 +210,11 @@ def _reuse_geometry(writer: StoreWriter):
 
 
 # -- the streaming loop ------------------------------------------------------------------------
-def _model_name(model) -> str:
-    from .encoders import get_config
-
-    return model if isinstance(model, str) and model.startswith("timm:") else (
-        get_config(model).name if isinstance(model, str) else model.config.name)
-
-
 class _Models:
     """Encoders are loaded on first need, so a rerun with nothing to do never loads a model."""
 
     def __init__(self, models: Sequence, weights: str, device: torch.device, precision: str, compile: bool):
-        self.names = [_model_name(m) for m in models]
+        self.names = [model_name(m) for m in models]
         if len(set(self.names)) != len(self.names):
             raise InvalidOption("the same model is named twice in --model")
         self._models, self._weights = list(models), weights
@@ -356,7 +283,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 _preflight(job, opts)  # a bad slide fails fast, before any model is loaded
                 encoders = models_.load()  # errors here concern every slide: they raise
                 run, tasks = _prepare(job, key, out_dir, encoders, opts, precision)
-            except _EVERY_SLIDE:
+            except RunWideError:
                 lock.release()
                 raise
             except WsiEmbedError as exc:

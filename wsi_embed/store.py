@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 TMP_MARK = ".tmp-"
-EMBEDDING_DTYPES = ("float16", "float32")
 
 
 def group_name(encoder_name: str) -> str:

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ..errors import InvalidOption, WsiEmbedError
-from ..pipeline import _EVERY_SLIDE, EmbedOptions, SlideJob, SlideResult, _model_name, embed_slide, pending_encoders
+from ..errors import RunWideError
+from ..jobs import EmbedOptions, SlideJob, SlideResult, model_name
 from ..store import ensure_writable, store_path
 from .manifest import Manifest
 from .run import CohortSummary, default_manifest
@@ -76,7 +77,7 @@ def embed_task(job: SlideJob, out_dir: str, models: Sequence[str], weights: str,
         _THREADS_SET[:] = [torch_threads]
     if multiprocessing.current_process().daemon and options.workers != 0:
         options = replace(options, workers=0)  # daemonic processes cannot have DataLoader workers
-    names = [_model_name(m) for m in models]
+    names = [model_name(m) for m in models]
     if pending_encoders(Path(out_dir), job.slide_id, names, options.overwrite):
         chosen = _encoders(models, weights, options.device)
     else:
@@ -254,7 +255,7 @@ def run_cohort_dask(jobs: Sequence[SlideJob], out_dir: str | os.PathLike, models
     out_dir = ensure_writable(Path(out_dir).absolute())
     book = Manifest(manifest or default_manifest(out_dir))
     summary = CohortSummary(total=len(jobs), manifest=book.path)
-    names = [_model_name(m) for m in models]
+    names = [model_name(m) for m in models]
 
     def record(result: SlideResult, **extra) -> None:
         book.append(result, **extra)
@@ -313,7 +314,7 @@ def run_cohort_dask(jobs: Sequence[SlideJob], out_dir: str | os.PathLike, models
                         record(_failed(job, "the dask worker died while embedding this slide (segfault or out "
                                             f"of memory?), {allowed_failures + 1} time(s); see the worker logs "
                                             f"({exc})"))
-                    except _EVERY_SLIDE:
+                    except RunWideError:
                         raise
                     except WsiEmbedError as exc:
                         record(_failed(job, str(exc)))

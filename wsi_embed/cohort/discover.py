@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Sequence
 
 from ..errors import InvalidOption, SlideNotFound
-from ..pipeline import SlideJob, slide_id_for
+from ..jobs import SlideJob, slide_id_for
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import OutputNotWritable
-from ..pipeline import SlideResult
+from ..jobs import SlideResult
 
 FIELDS = ("timestamp", "host", "pid", "path", "slide_id", "status", "error", "note", "cells", "seconds",
           "encoders", "store")

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TextIO
 
-from ..pipeline import SlideResult
+from ..jobs import SlideResult
 
 
 def _hms(seconds: float) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..pipeline import EmbedOptions, SlideJob, SlideResult, embed_slides
+from ..jobs import EmbedOptions, SlideJob, SlideResult
 from ..store import ensure_writable
 from .discover import build_jobs
 from .manifest import Manifest

@@ -11,10 +11,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from wsi_embed.errors import WeightsUnavailable
+
+if TYPE_CHECKING:
+    from .registry import EncoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +31,36 @@ class Unreachable(Exception):
 
 
 def hub_checkpoint_dir() -> Path:
-    """torch's checkpoint cache (``$TORCH_HOME/hub/checkpoints``), as torchvision uses it."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    """torch's checkpoint cache (``$TORCH_HOME/hub/checkpoints``), as torchvision uses it.
+
+    Worked out as ``torch.hub.get_dir`` does, without importing torch (listing models and the
+    resume check must stay quick); a directory set in-process with ``torch.hub.set_dir`` wins."""
+    if "torch" in sys.modules:
+        return Path(sys.modules["torch"].hub.get_dir()) / "checkpoints"
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    home = os.environ.get("TORCH_HOME", os.path.join(cache, "torch"))
+    return Path(os.path.expanduser(home)) / "hub" / "checkpoints"
 
 
 def weights_dir() -> Path | None:
     value = os.environ.get(WEIGHTS_DIR_ENV)
     return Path(value).expanduser() if value else None
+
+
+def published_candidates(cfg: EncoderConfig) -> list[tuple[str, Path]]:
+    """Where ``auto`` looks for ``cfg.weights_file``, in order."""
+    if not cfg.weights_file:
+        return []
+    found = []
+    wdir = weights_dir()
+    if wdir is not None:
+        found.append(("weights-dir", wdir / cfg.weights_file))
+    found.append(("published-cache", hub_checkpoint_dir() / cfg.weights_file))
+    return found
+
+
+def find_published(cfg: EncoderConfig) -> tuple[str, Path] | None:
+    return next(((s, p) for s, p in published_candidates(cfg) if p.is_file()), None)
 
 
 def url_basename(url: str) -> str:
@@ -78,6 +103,8 @@ def download(url: str, dst: Path, sha256_prefix: str | None = None) -> None:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(READ_TIMEOUT_S)  # torch's urlopen takes no timeout
     try:
+        import torch
+
         torch.hub.download_url_to_file(
             url, str(dst), hash_prefix=sha256_prefix, progress=sys.stderr.isatty()
         )

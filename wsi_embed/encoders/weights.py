@@ -14,6 +14,7 @@ from torch import nn
 from wsi_embed.errors import InvalidOption, WeightsMismatch, WeightsUnavailable
 
 from . import fetch
+from .fetch import find_published, published_candidates  # noqa: F401  (re-exported)
 from .build import build_module
 from .checkpoint import load_strict, sha256_file
 from .registry import EncoderConfig
@@ -42,22 +43,6 @@ def _host(url: str) -> str:
 
 def _is_url(spec: str) -> bool:
     return spec.lower().startswith(("http://", "https://"))
-
-
-def published_candidates(cfg: EncoderConfig) -> list[tuple[str, Path]]:
-    """Where ``auto`` looks for ``cfg.weights_file``, in order."""
-    if not cfg.weights_file:
-        return []
-    found = []
-    wdir = fetch.weights_dir()
-    if wdir is not None:
-        found.append(("weights-dir", wdir / cfg.weights_file))
-    found.append(("published-cache", fetch.hub_checkpoint_dir() / cfg.weights_file))
-    return found
-
-
-def find_published(cfg: EncoderConfig) -> tuple[str, Path] | None:
-    return next(((s, p) for s, p in published_candidates(cfg) if p.is_file()), None)
 
 
 def resolve(cfg: EncoderConfig, spec: str = "auto") -> tuple[nn.Module, WeightsInfo]:

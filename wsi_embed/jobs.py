@@ -1,0 +1,99 @@
+"""What a run is asked to do and what it reports: options, slide jobs and results.
+
+Plain data without torch, so drivers, ``info`` and ``models`` stay quick to import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .errors import InvalidOption
+from .grid import GridSpec
+from .locks import DEFAULT_STALE_AFTER
+from .slide import BACKENDS
+from .tissue import TissueParams
+
+EMBEDDING_DTYPES = ("float16", "float32")
+DEFAULT_MAX_CELLS = 2_000_000  # more than a whole 40x resection at 0.5 µm/px and 224 px
+
+Status = Literal["done", "skipped", "failed"]
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    grid: GridSpec = field(default_factory=GridSpec)
+    min_tissue: float = 0.25
+    tissue: TissueParams = field(default_factory=TissueParams)
+    backend: str = "auto"
+    dtype: str = "float16"
+    block: int | None = None  # cells per region side (and Zarr chunk side); None: tile-aligned
+    max_patches: int | None = None  # embed only the first N tissue cells (benchmarks)
+    max_cells: int = DEFAULT_MAX_CELLS  # refuse slides whose grid claims more cells than this
+    workers: int | None = None  # None: see loader.default_workers
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    overwrite: bool = False
+    verify: bool = False  # check the embeddings of complete stores before skipping them
+    qc: bool = True
+    lock_stale_after: float = DEFAULT_STALE_AFTER  # s before another host's unrefreshed lock is stale
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise InvalidOption(f"--min-tissue must be between 0 and 1, got {self.min_tissue}")
+        if self.dtype not in EMBEDDING_DTYPES:
+            raise InvalidOption(f"--dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {self.dtype}")
+        if self.batch_size < 1:
+            raise InvalidOption(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise InvalidOption(f"--workers must be >= 0, got {self.workers}")
+        if self.backend not in BACKENDS:
+            raise InvalidOption(f"unknown --backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        if not self.lock_stale_after > 0:
+            raise InvalidOption(f"--lock-stale-after must be a positive number of seconds, got {self.lock_stale_after}")
+        if self.max_cells < 1:
+            raise InvalidOption(f"--max-cells must be at least 1, got {self.max_cells}")
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    path: Path
+    slide_id: str
+    slide_mpp: float | None = None  # overrides the file's resolution when given
+
+
+@dataclass
+class SlideResult:
+    path: str
+    slide_id: str
+    status: Status
+    error: str | None = None
+    cells: int = 0
+    seconds: float = 0.0
+    encoders: list[str] = field(default_factory=list)
+    store: str | None = None
+    qc: str | None = None
+    note: str | None = None  # why a slide was skipped ("complete", "locked by host:pid"), or what was redone
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def slide_id_for(path: Path) -> str:
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def model_name(model) -> str:
+    """The registry name of a model given by name or as a loaded encoder."""
+    from .encoders.registry import get_config
+
+    if isinstance(model, str):
+        return model if model.startswith("timm:") else get_config(model).name
+    return model.config.name
