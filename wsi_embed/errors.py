@@ -75,3 +75,7 @@ class StoreConflict(WsiEmbedError, FileExistsError):
 
 class LockLost(WsiEmbedError, RuntimeError):
     """Another process took over this slide's lock (we were judged dead); our work is discarded."""
+
+
+class StoreWriteError(WsiEmbedError, OSError):
+    """A slide's store or picture could not be written (full disk, quota, name too long)."""

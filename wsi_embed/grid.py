@@ -84,6 +84,13 @@ class Grid:
         out[..., 1] = ys[:, None]
         return out
 
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> "Grid":
+        """The grid a store recorded (its ``grid`` attrs), the inverse of :meth:`attrs`."""
+        fields = {k: attrs[k] for k in cls.__dataclass_fields__}
+        fields["origin_level"] = tuple(fields["origin_level"])
+        return cls(**fields)
+
     def attrs(self) -> dict:
         d = asdict(self)
         d["origin_level"] = list(self.origin_level)

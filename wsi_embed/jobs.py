@@ -90,6 +90,23 @@ def slide_id_for(path: Path) -> str:
     return Path(name).stem
 
 
+def check_models(names: list[str]) -> None:
+    """Raise UnknownModel for a name that is neither registered nor a timm model, before any work."""
+    from .encoders.registry import get_config
+
+    for name in names:
+        if not name.startswith("timm:"):
+            get_config(name)
+            continue
+        import timm
+
+        if not timm.is_model(name[len("timm:"):]):
+            from .errors import UnknownModel
+
+            raise UnknownModel(f"--model {name}: timm has no model {name[len('timm:'):]!r}; "
+                               "see timm.list_models() for the names")
+
+
 def model_name(model) -> str:
     """The registry name of a model given by name or as a loaded encoder."""
     from .encoders.registry import get_config

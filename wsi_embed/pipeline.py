@@ -3,8 +3,11 @@ or ``embed_slides`` which streams several slides through one loader and one set 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -16,13 +19,15 @@ import numpy as np
 import torch
 import zarr
 
-from .errors import InvalidOption, LockLost, OutputNotWritable, RunWideError, StoreConflict, WsiEmbedError
+from .errors import (InvalidOption, LockLost, OutputNotWritable, RunWideError, SlideChanged, SlideOutOfLimits,
+                     StoreConflict, StoreWriteError, WsiEmbedError)
 from .grid import Grid, choose_block, plan_grid, plan_regions
 from .infer import EncoderRunner, select_device, select_precision
 from .loader import EndOfSlide, default_workers, make_loader, region_task, release_handles
 from .jobs import EmbedOptions, SlideJob, SlideResult, model_name, slide_id_for
-from .locks import try_lock
-from .qc import render_qc, write_png_atomic
+from .resume import Resume, plan_resume
+from .locks import lock_path, try_lock
+from .qc import qc_path_for, qc_title, render_qc, render_store_qc, write_png_atomic
 from .slide import describe, ensure_intact, fingerprint, open_slide, resolve_mpp
 from .store import (StoreWriter, completed_encoders, ensure_writable, group_name,
                     remove_stale_temporaries, store_path)
@@ -54,6 +59,7 @@ class _SlideRun:
     block: int = 8
     lock: object | None = None  # SlideLock held while this slide is being embedded
     cells_done: int = 0
+    fingerprint: str | None = None  # of the slide file when it was prepared; checked again at commit
 
 
 @dataclass
@@ -78,13 +84,14 @@ class _RegionBuffer:
     remaining: int
 
 
-def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: EmbedOptions, precision: str):
+def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: EmbedOptions, precision: str,
+             resume: Resume, cancel: threading.Event):
     """Open, measure, find tissue, plan the grid and open the store. Returns (run, tasks)."""
-    run = _SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed"))
+    run = _SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed",
+                                                          note=resume.note))
     final = store_path(out_dir, job.slide_id)
-    todo = pending_encoders(out_dir, job.slide_id, [e.config.name for e in encoders], opts.overwrite)
     remove_stale_temporaries(out_dir, job.slide_id)
-    append = final.exists() and bool(completed_encoders(final))
+    append = not resume.rebuild and final.exists() and bool(completed_encoders(final))
     conflict = _geometry_conflict(final, job, opts) if append else None
     if conflict and not opts.overwrite:
         raise StoreConflict(conflict)
@@ -96,18 +103,20 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
     try:
         mpp = resolve_mpp(slide, job.slide_mpp)
         if append:  # add (or, under --overwrite, replace) groups; other groups are kept
+            run.fingerprint = fingerprint(job.path)
             grid, mask, block = _reuse_geometry(writer)
         else:
-            grid, mask, block = _new_geometry(slide, mpp, job, writer, opts, run)
+            grid, mask, block = _new_geometry(slide, mpp, job, writer, opts, run, encoders, cancel)
         backend = slide.backend
-        for enc in encoders:
-            if enc.config.name not in todo:
-                continue
-            attrs = {**enc.attrs(), "precision": precision, "dtype": opts.dtype,
-                     "input_resized": grid.read_px != enc.config.input_size,
-                     "input_resize": f"{grid.read_px}px read -> {enc.config.input_size}px encoder input"}
-            run.groups[enc.config.name] = writer.add_encoder(
-                enc.config.name, dim=enc.config.dim, dtype=opts.dtype, chunk=block, attrs=attrs)
+        with _writing(job, out_dir):
+            for enc in encoders:
+                if enc.config.name not in resume.todo:
+                    continue
+                attrs = {**enc.attrs(), "precision": precision, "dtype": opts.dtype,
+                         "input_resized": grid.read_px != enc.config.input_size,
+                         "input_resize": f"{grid.read_px}px read -> {enc.config.input_size}px encoder input"}
+                run.groups[enc.config.name] = writer.add_encoder(
+                    enc.config.name, dim=enc.config.dim, dtype=opts.dtype, chunk=block, attrs=attrs)
     except BaseException:
         writer.abort()  # nothing half-written stays behind
         raise
@@ -122,6 +131,22 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
     run.result.encoders = list(run.groups)
     tasks = [region_task(key, str(job.path), backend, grid, r) for r in regions]
     return run, tasks
+
+
+_TOO_LONG = ("{path}: slide id {slide_id!r} is too long for a file name; give it a shorter id with --list and a "
+             "slide_id column")
+
+
+@contextlib.contextmanager
+def _writing(job: SlideJob, out_dir: Path):
+    """A write that fails (full disk, quota, a name too long) fails this slide with one line."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise StoreWriteError(_TOO_LONG.format(path=job.path, slide_id=job.slide_id)) from None
+        raise StoreWriteError(f"{job.slide_id}: cannot write its store in {out_dir} ({exc.strerror or exc}); "
+                              "check free space and permissions, then rerun") from None
 
 
 def _preflight(job: SlideJob, opts: EmbedOptions) -> None:
@@ -143,12 +168,20 @@ class SlideGeometry:
     block: int
 
 
-def analyse_slide(slide, mpp, opts: EmbedOptions) -> SlideGeometry:
+def analyse_slide(slide, mpp, opts: EmbedOptions, cancel: threading.Event | None = None) -> SlideGeometry:
     """Resolution, grid, tissue and the cells to embed (no store is touched)."""
     info = describe(slide, mpp)
     grid = plan_grid(opts.grid, slide_mpp=mpp.mpp, level_dimensions=slide.level_dimensions,
                      level_downsamples=slide.level_downsamples, bounds=slide.bounds)
+    if grid.n_cells > opts.max_cells:  # before anything scales with the slide's claimed size
+        w, h = slide.dimensions
+        raise SlideOutOfLimits(
+            f"{slide.path}: its grid would have {grid.rows} x {grid.cols} = {grid.n_cells:,} cells ({w} x {h} px "
+            f"at {mpp.mpp:g} µm/px, {mpp.source}), more than --max-cells {opts.max_cells:,}; check its resolution "
+            "(override it with --slide-mpp) or raise --max-cells")
     thumb = read_thumbnail(slide, mpp.mpp, opts.tissue)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled
     tissue_mask = detect_tissue(thumb, opts.tissue)
     fraction = cell_tissue_fraction(tissue_mask, thumb, grid)
     mask = fraction >= opts.min_tissue
@@ -161,8 +194,10 @@ def analyse_slide(slide, mpp, opts: EmbedOptions) -> SlideGeometry:
     return SlideGeometry(info, grid, thumb, tissue_mask, fraction, mask, block)
 
 
-def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run: _SlideRun):
-    geo = analyse_slide(slide, mpp, opts)
+def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run: _SlideRun, encoders: list,
+                  cancel: threading.Event):
+    geo = analyse_slide(slide, mpp, opts, cancel)
+    run.fingerprint = geo.info.fingerprint
     grid, thumb, mask, tissue_mask = geo.grid, geo.thumb, geo.mask, geo.tissue_mask
     coords = grid.coords()
     attrs = {
@@ -174,11 +209,14 @@ def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run:
                    "tissue_area_mm2": float(tissue_mask.sum() * thumb.mpp_x * thumb.mpp_y / 1e6),
                    "cells_embedded": int(mask.sum()), "max_patches": opts.max_patches},
     }
-    writer.create(attrs=attrs, mask=mask, tissue_fraction=geo.fraction, coords=coords,
-                  thumbnail=thumb.image, tissue_mask=tissue_mask, chunk=geo.block)
+    if cancel.is_set():
+        raise Cancelled
+    with _writing(job, writer.final.parent):
+        writer.create(attrs=attrs, mask=mask, tissue_fraction=geo.fraction, coords=coords,
+                      thumbnail=thumb.image, tissue_mask=tissue_mask, chunk=geo.block)
     if opts.qc:
-        title = (f"{job.slide_id}: {int(mask.sum())} cells embedded (blue), tissue contour (green); "
-                 f"{grid.patch_px}px @ {grid.target_mpp:g} um/px, min tissue {opts.min_tissue:g}")
+        title = qc_title(job.slide_id, int(mask.sum()), grid.patch_px, grid.target_mpp, opts.min_tissue,
+                         [(e.config.name, e.weights.random) for e in encoders])
         run.qc_image = render_qc(thumb.image, tissue_mask, grid, coords, mask,
                                  scale_x=thumb.scale_x, scale_y=thumb.scale_y, title=title)
     return grid, mask, geo.block
@@ -200,13 +238,11 @@ def _geometry_conflict(final: Path, job: SlideJob, opts: EmbedOptions) -> str | 
 
 
 def _reuse_geometry(writer: StoreWriter):
-    """The existing store's grid, mask and chunk side (new regions must match its chunks)."""
+    """The existing store's grid, mask and region side (new regions must match its chunks)."""
     root = writer.open_existing()
     g = dict(root.attrs["grid"])
-    fields = {k: g[k] for k in Grid.__dataclass_fields__}
-    fields["origin_level"] = tuple(fields["origin_level"])
     mask = root["mask"]
-    return Grid(**fields), mask[...], int(mask.chunks[0])
+    return Grid.from_attrs(g), mask[...], int(g.get("block") or mask.chunks[0])
 
 
 # -- the streaming loop ------------------------------------------------------------------------
@@ -257,43 +293,47 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
     precision = select_precision(opts.precision, device)
     models_ = _Models(models, weights, device, precision, opts.compile)
     runs: dict[int, _SlideRun] = {}
+    cancel = threading.Event()  # set when the run unwinds: a slide being prepared stops soon after
     held: list = []  # every lock taken, so an interrupt at any point releases it (release is idempotent)
 
     def start(key: int, job: SlideJob) -> list:
-        """Lock, check and prepare one slide; runs in the prep thread, one slide ahead."""
+        """Check, lock and prepare one slide; runs in the prep thread, one slide ahead."""
         run, tasks, lock = None, [], None
-        if not pending_encoders(out_dir, job.slide_id, models_.names, opts.overwrite):
-            run = _skipped(job, models_.names, out_dir)
-        else:
-            try:
-                lock, owner = try_lock(out_dir, job.slide_id, stale_after=opts.lock_stale_after)
-            except OSError as exc:
-                raise OutputNotWritable(f"{out_dir}: cannot create the lock for {job.slide_id} ({exc}); "
-                                        "check the output directory (free space, permissions)") from exc
+        resume = plan_resume(out_dir, job, models_.names, weights, overwrite=opts.overwrite, verify=opts.verify)
+        if resume.error is None and not resume.nothing_to_do:
+            lock, owner = _lock(out_dir, job, opts)
             if lock is not None:
                 held[:] = [h for h in held if not h.released] + [lock]
-            if lock is None:  # another live process is embedding it: not a failure
+                # another process may have finished it between our check and the lock
+                resume = plan_resume(out_dir, job, models_.names, weights, overwrite=opts.overwrite,
+                                     verify=opts.verify)
+            else:  # another live process is embedding it: not a failure
                 run = _skipped(job, models_.names, out_dir,
                                f"locked by {owner.describe() if owner else 'another process'}")
-            elif not opts.overwrite and not pending_encoders(out_dir, job.slide_id, models_.names, False):
-                lock.release()  # finished by another process between our check and the lock
-                lock, run = None, _skipped(job, models_.names, out_dir)
-        if run is None:
+        if run is None and resume.error is not None:
+            run = _failed_run(job, resume.error)
+        elif run is None and resume.nothing_to_do:
+            run = _skipped(job, models_.names, out_dir)
+            _tidy_complete(out_dir, job, opts, lock)
+        elif run is None:
             try:
+                if cancel.is_set():
+                    raise Cancelled
                 _preflight(job, opts)  # a bad slide fails fast, before any model is loaded
                 encoders = models_.load()  # errors here concern every slide: they raise
-                run, tasks = _prepare(job, key, out_dir, encoders, opts, precision)
+                run, tasks = _prepare(job, key, out_dir, encoders, opts, precision, resume, cancel)
             except RunWideError:
-                lock.release()
+                if lock is not None:
+                    lock.release()
                 raise
             except WsiEmbedError as exc:
-                error = str(exc)
+                run = _failed_run(job, str(exc))
             except Exception as exc:  # one slide's unexpected failure must not stop the cohort
                 log.exception("unexpected error preparing %s", job.path)
-                error = f"{job.path}: {type(exc).__name__}: {exc}"
-            if run is None:
-                run = _SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed"))
-                run.result.error, run.failed = error, True
+                run = _failed_run(job, f"{job.path}: {type(exc).__name__}: {exc}")
+        if run.result.status == "failed" and lock is not None:
+            lock.release()
+            lock = None
         run.lock = lock
         runs[key] = run  # visible to the cleanup below as soon as it exists
         return tasks
@@ -315,12 +355,17 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 try:
                     tasks = future.result()
                 except BaseException:
+                    cancel.set()
                     for _, other in queued:
                         other.cancel()
                     raise
                 submit()  # after, not before: a run-wide error (weights, device) is met only once
-                yield from tasks
-                yield EndOfSlide(key)
+                try:
+                    yield from tasks
+                    yield EndOfSlide(key)
+                except BaseException:  # closed or interrupted: the slide being prepared stops too
+                    cancel.set()
+                    raise
 
     workers = default_workers(device.type) if opts.workers is None else opts.workers
     task_feed = feed()
@@ -377,6 +422,52 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
         for lock in held:
             lock.release()
         release_handles()
+
+
+class Cancelled(BaseException):
+    """The run is being interrupted: a slide being prepared stops at its next check."""
+
+
+def _lock(out_dir: Path, job: SlideJob, opts: EmbedOptions):
+    """``try_lock`` with its errors sorted: a name too long fails this slide, anything else the run."""
+    try:
+        return try_lock(out_dir, job.slide_id, stale_after=opts.lock_stale_after)
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise StoreWriteError(_TOO_LONG.format(path=job.path, slide_id=job.slide_id)) from None
+        raise OutputNotWritable(f"{out_dir}: cannot create the lock for {job.slide_id} ({exc.strerror or exc}); "
+                                "check the output directory (free space, permissions)") from exc
+
+
+def _tidy_complete(out_dir: Path, job: SlideJob, opts: EmbedOptions, lock) -> None:
+    """A complete store skipped on resume: clear what a killed owner left (its lock, temporaries)
+    and draw a missing QC picture. Two stats when there is nothing to do."""
+    qc_path = qc_path_for(out_dir, job.slide_id)
+    if lock is None and not lock_path(out_dir, job.slide_id).exists() and (qc_path.exists() or not opts.qc):
+        return
+    own = lock is None
+    if own:
+        try:
+            lock, _ = try_lock(out_dir, job.slide_id, stale_after=opts.lock_stale_after)
+        except OSError:
+            return
+        if lock is None:  # a live owner: leave its files alone
+            return
+    try:
+        remove_stale_temporaries(out_dir, job.slide_id)
+        if opts.qc and not qc_path.exists():
+            write_png_atomic(render_store_qc(store_path(out_dir, job.slide_id)), qc_path)
+    except (OSError, WsiEmbedError) as exc:
+        log.warning("%s: could not draw the missing QC picture (%s)", job.slide_id, exc)
+    finally:
+        if own:
+            lock.release()
+
+
+def _failed_run(job: SlideJob, error: str) -> _SlideRun:
+    run = _SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed", error=error))
+    run.failed = True
+    return run
 
 
 def _skipped(job: SlideJob, names: Sequence[str], out_dir: Path, note: str = "complete") -> _SlideRun:
@@ -448,15 +539,21 @@ def _finish(run: _SlideRun, pending: list, runners, opts: EmbedOptions, precisio
         _run_batches(run, pending, runners, opts, flush=True)
         if run.regions:
             raise RuntimeError(f"{len(run.regions)} regions were not completed")
+        if fingerprint(run.job.path) != run.fingerprint:
+            raise SlideChanged(f"{run.job.path}: the file changed while it was being embedded; nothing was kept. "
+                               "Rerun once the copy or export has finished")
         if run.lock is not None and not run.lock.held():  # judged dead and taken over: do not commit
             raise LockLost(f"{run.job.path}: another process took over {run.lock.path}; "
                            "this run's copy is discarded (raise --lock-stale-after if hosts are slow)")
-        for group in run.groups.values():
-            run.writer.mark_complete(group)
-        result.store = str(run.writer.commit())
+        with _writing(run.job, run.writer.final.parent):
+            for group in run.groups.values():
+                run.writer.mark_complete(group)
+            result.store = str(run.writer.commit())
         result.status = "done"
-        if run.qc_image is not None:  # after the commit: no picture without its store
-            result.qc = str(write_png_atomic(run.qc_image, run.writer.final.with_name(f"{run.job.slide_id}.qc.png")))
+        if opts.qc:  # after the commit: no picture without its store
+            # a group added to an existing store: its caption (encoders, random weights) is redrawn
+            image = run.qc_image if run.qc_image is not None else render_store_qc(run.writer.final)
+            result.qc = str(write_png_atomic(image, qc_path_for(run.writer.final.parent, run.job.slide_id)))
     except WsiEmbedError as exc:
         _fail(run, str(exc), pending)
     except OSError as exc:  # e.g. a full disk while committing: this slide fails, the cohort goes on

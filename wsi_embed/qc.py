@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .grid import Grid
 
+_FONT = Path(__file__).with_name("fonts") / "DejaVuSans.ttf"  # bundled: Pillow's default lacks µ
 TISSUE_COLOUR = (0, 200, 0)
 CELL_COLOUR = (20, 60, 255)
 _MIN_SIDE, _MAX_SIDE = 1024, 2400
@@ -55,15 +56,75 @@ def render_qc(thumbnail: np.ndarray, tissue_mask: np.ndarray, grid: Grid, coords
     overlay[contour] = TISSUE_COLOUR + (255,)
     overlay = Image.fromarray(overlay, "RGBA")
     picture = Image.alpha_composite(base, overlay).convert("RGB")
-    caption_h = 28
-    canvas = Image.new("RGB", (W, H + caption_h), (255, 255, 255))
+    return _with_caption(picture, title)
+
+
+def _with_caption(picture: Image.Image, title: str) -> Image.Image:
+    """The title above the picture in a TrueType font sized to it, wrapped to its width."""
+    W = picture.width
+    size = max(14, min(32, round(W / 70)))
+    font = ImageFont.truetype(str(_FONT), size)
+    draw = ImageDraw.Draw(picture)
+    lines, line = [], ""
+    for word in title.split(" "):
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > W - 2 * size:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    lines.append(line)
+    step = round(size * 1.3)
+    caption_h = step * len(lines) + size
+    canvas = Image.new("RGB", (W, picture.height + caption_h), (255, 255, 255))
     canvas.paste(picture, (0, caption_h))
-    ImageDraw.Draw(canvas).text((6, 8), title, fill=(0, 0, 0))
+    pen = ImageDraw.Draw(canvas)
+    for i, text in enumerate(lines):
+        pen.text((size, size // 2 + i * step), text, fill=(0, 0, 0), font=font)
     return canvas
 
 
+def qc_title(slide_id: str, cells: int, patch_px: int, target_mpp: float, min_tissue: float,
+             encoders: list[tuple[str, bool]]) -> str:
+    """``encoders``: (name, weights are random) of the encoders the store is made for."""
+    names = ", ".join(f"{n} (RANDOM WEIGHTS)" if random else n for n, random in encoders) or "-"
+    return (f"{slide_id}: {cells} cells embedded (blue), tissue contour (green); {patch_px} px at "
+            f"{target_mpp:g} µm/px, min tissue {min_tissue:g}; encoder {names}")
+
+
+def qc_path_for(out_dir: Path, slide_id: str) -> Path:
+    return Path(out_dir) / f"{slide_id}.qc.png"
+
+
+def render_store_qc(store: Path) -> Image.Image:
+    """The QC picture of a finished store, from what it recorded."""
+    import zarr
+
+    root = zarr.open_group(str(store), mode="r", zarr_format=3)
+    attrs = root.attrs.asdict()
+    grid = Grid.from_attrs(attrs["grid"])
+    tissue = attrs["tissue"]
+    sx, sy = tissue["thumbnail_scale"]
+    mask = root["mask"][...]
+    encoders = []
+    for key, group in root.groups():
+        a = group.attrs.asdict()
+        if not key.startswith(".") and a.get("complete") is True:
+            encoders.append((a["encoder"]["name"], bool(a["encoder"].get("weights_random"))))
+    title = qc_title(attrs["slide"]["slide_id"], int(mask.sum()), grid.patch_px, grid.target_mpp,
+                     tissue["min_tissue"], encoders)
+    return render_qc(root["thumbnail"][...], root["tissue_mask"][...], grid, root["coords"][...], mask,
+                     scale_x=sx, scale_y=sy, title=title)
+
+
 def write_png_atomic(image: Image.Image, path: Path) -> Path:
+    """Write under a temporary name and rename: a reader never sees half a picture, and a failed
+    write (full disk) leaves nothing behind."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG", compress_level=1)  # fast; the picture is for eyes, not archives
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG", compress_level=1)  # fast; the picture is for eyes, not archives
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -1,0 +1,150 @@
+"""What is left to do for a slide whose store may already exist: the resume check every driver uses.
+
+A complete encoder group counts as done only when
+
+- it was made from the same slide file (fingerprint), and
+- its weights are the ones this run would use: a group made with random weights is never done for
+  a run with real weights, and a group whose weights file differs (sha256) from the one this run
+  resolves is redone.
+
+No torch and no slide decoding here: a rerun of a finished cohort stays quick.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .jobs import SlideJob
+from .slide import fingerprint
+from .store import completed_encoders, group_name, store_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resume:
+    todo: list[str] = field(default_factory=list)  # encoders to (re)compute
+    note: str | None = None  # why complete groups are redone
+    error: str | None = None  # the slide cannot be embedded into this store: fail it with this line
+    rebuild: bool = False  # the whole store must be rebuilt (geometry damaged)
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not self.todo and self.error is None
+
+
+@dataclass(frozen=True)
+class ExpectedWeights:
+    random: bool
+    sha256: str | None  # None: not known without loading (a download, timm's hub)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, computed once per process for an unchanged file."""
+    st = os.stat(path)
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+def expected_weights(model: str, weights: str) -> ExpectedWeights:
+    """The weights ``--weights`` would give ``model``, as far as known without loading anything."""
+    from .encoders.fetch import find_published, hub_checkpoint_dir, url_basename
+    from .encoders.registry import get_config
+
+    spec = (weights or "").strip()
+    if spec.lower() == "random":
+        return ExpectedWeights(True, None)
+    path: Path | None = None
+    if spec.lower() == "auto":
+        if not model.startswith("timm:"):
+            found = find_published(get_config(model))
+            path = found[1] if found else None
+    elif spec.lower().startswith(("http://", "https://")):
+        path = hub_checkpoint_dir() / url_basename(spec)
+    else:
+        path = Path(spec).expanduser()
+    sha = file_sha256(path) if path is not None and path.is_file() else None
+    return ExpectedWeights(False, sha)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _group_encoder_attrs(store: Path, name: str) -> dict:
+    return _read_json(store / group_name(name) / "zarr.json").get("attributes", {}).get("encoder", {})
+
+
+def _stale_weights(store: Path, name: str, expected: ExpectedWeights) -> str | None:
+    """Why the complete group ``name`` does not hold this run's weights, or None."""
+    if expected.random:
+        return None  # a smoke test never replaces embeddings that exist
+    attrs = _group_encoder_attrs(store, name)
+    if attrs.get("weights_random"):
+        return f"its {name} embeddings were made with random weights"
+    have = attrs.get("weights_sha256")
+    if expected.sha256 and have and have != expected.sha256:
+        return f"its {name} embeddings were made with other weights (sha256 {have[:12]}, now {expected.sha256[:12]})"
+    return None
+
+
+def plan_resume(out_dir: Path, job: SlideJob, names: Sequence[str], weights: str, *,
+                overwrite: bool = False, verify: bool = False) -> Resume:
+    """Which of ``names`` still have to be computed for ``job`` in ``out_dir``."""
+    names = list(names)
+    if overwrite:
+        return Resume(names)
+    store = store_path(out_dir, job.slide_id)
+    done = set(completed_encoders(store)) if store.is_dir() else set()
+    if not done & set(names):
+        return Resume(names)
+    if not job.path.exists():
+        return Resume(error=f"{job.path}: no such file; check the path (a store for {job.slide_id} exists "
+                            f"at {store})")
+    recorded = _read_json(store / "zarr.json").get("attributes", {}).get("slide", {})
+    try:
+        same_file = recorded.get("fingerprint") == fingerprint(job.path)
+    except OSError as exc:
+        return Resume(error=f"{job.path}: cannot be read ({exc.strerror or exc}); check the file")
+    if not same_file:
+        return Resume(error=(
+            f"{job.path}: the store {store} was made from another file ({recorded.get('path')}); "
+            "use --overwrite to replace it, or give this slide its own id with --list and a slide_id column"))
+    todo, notes = [n for n in names if n not in done], []
+    for name in names:
+        if name in done:
+            why = _stale_weights(store, name, expected_weights(name, weights))
+            if why:
+                todo.append(name)
+                notes.append(why)
+    rebuild = False
+    if verify and len(todo) < len(names):
+        from .verify import verify_store
+
+        report = verify_store(store)
+        if not report.ok:
+            damaged = [n for n in names if n not in todo and (report.geometry_damaged or n in report.damaged_encoders)]
+            if damaged:
+                todo += damaged
+                notes.append(f"its store is damaged ({report.summary()})")
+            rebuild = report.geometry_damaged
+    todo = [n for n in names if n in todo]  # keep the run's order
+    return Resume(todo, "; ".join(notes) or None, rebuild=rebuild)
