@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .errors import WsiEmbedError
 from .grid import Grid, Region
 from .slide import Slide, open_slide
+from .tiles import TileSource
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class ReadTask:
     offsets: tuple[tuple[int, int], ...]  # (x, y) of each cell inside the block, level pixels
     read_px: int
     region: int  # region index within the slide
+    level_xy: tuple[int, int] = (0, 0)  # level-pixel top-left of the block (native tile reads)
 
 
 @dataclass(frozen=True)
@@ -70,19 +72,35 @@ def region_task(slide_key: int, path: str, backend: str, grid: Grid, region: Reg
     offsets = tuple((int(xs[c - region.c0]) - lx0, int(ys[r - region.r0]) - ly0) for r, c in region.cells)
     ds = grid.level_downsample
     return ReadTask(slide_key, path, backend, grid.level, (round(lx0 * ds), round(ly0 * ds)),
-                    (width, height), offsets, grid.read_px, region.index)
+                    (width, height), offsets, grid.read_px, region.index, (lx0, ly0))
+
+
+def _patch_tensor(n: int, size: int) -> torch.Tensor:
+    """(n, size, size, 3) uint8. In a loader worker the tensor is born in shared memory, so handing
+    it to the main process costs no extra copy."""
+    out = torch.empty((n, size, size, 3), dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:
+        out.share_memory_()
+    return out
 
 
 def cut_patches(block: np.ndarray, offsets: Iterable[tuple[int, int]], size: int) -> torch.Tensor:
-    """(n, size, size, 3) uint8. In a loader worker the tensor is born in shared memory, so handing
-    it to the main process costs no extra copy."""
     offsets = list(offsets)
-    out = torch.empty((len(offsets), size, size, 3), dtype=torch.uint8)
-    if torch.utils.data.get_worker_info() is not None:
-        out.share_memory_()
+    out = _patch_tensor(len(offsets), size)
     view = out.numpy()
     for i, (x, y) in enumerate(offsets):
         view[i] = block[y : y + size, x : x + size]
+    return out
+
+
+def read_cells_native(tiles: TileSource, task: ReadTask) -> torch.Tensor:
+    """Each cell straight from the raw tiles it touches; a tile shared by cells is decoded once."""
+    out = _patch_tensor(len(task.offsets), task.read_px)
+    view = out.numpy()
+    decoded: dict = {}
+    x0, y0 = task.level_xy
+    for i, (x, y) in enumerate(task.offsets):
+        tiles.read_into(task.level, x0 + x, y0 + y, view[i], decoded)
     return out
 
 
@@ -90,27 +108,40 @@ class _HandleCache:
     """Per-process slide handles: never shared across processes, reused across regions."""
 
     def __init__(self) -> None:
-        self._open: OrderedDict[tuple[str, str], Slide] = OrderedDict()
+        self._open: OrderedDict[tuple[str, str], tuple[Slide, TileSource | None]] = OrderedDict()
 
-    def get(self, path: str, backend: str) -> Slide:
+    def get(self, path: str, backend: str) -> tuple[Slide, TileSource | None]:
+        """The slide, and native tile access to it where its format allows (TIFF family)."""
         key = (path, backend)
         if key in self._open:
             self._open.move_to_end(key)
             return self._open[key]
         slide = open_slide(path, backend=backend)
-        self._open[key] = slide
+        tiles = TileSource.open(path, slide.level_dimensions) if _native_candidate(path) else None
+        self._open[key] = (slide, tiles)
         while len(self._open) > _MAX_OPEN_SLIDES:
             _, old = self._open.popitem(last=False)
-            old.close()
-        return slide
+            _close(old)
+        return slide, tiles
 
     def clear(self) -> None:
-        for slide in self._open.values():
-            try:
-                slide.close()
-            except Exception:  # closing a broken handle must not mask the real error
-                pass
+        for handles in self._open.values():
+            _close(handles)
         self._open.clear()
+
+
+def _native_candidate(path: str) -> bool:
+    """Files whose tiles tifffile indexes as plainly as the readers do (NDPI's JPEGs are not tiles)."""
+    return path.lower().endswith((".svs", ".tif", ".tiff"))
+
+
+def _close(handles: tuple) -> None:
+    for handle in handles:
+        try:
+            if handle is not None:
+                handle.close()
+        except Exception:  # closing a broken handle must not mask the real error
+            pass
 
 
 class _ThreadHandles(threading.local):
@@ -130,9 +161,12 @@ class RegionDataset(Dataset):
         if isinstance(task, EndOfSlide):
             return task
         try:
-            slide = _HANDLES_BY_THREAD.cache.get(task.path, task.backend)
-            block = slide.read_region(task.location, task.level, task.size)
-            patches = cut_patches(block, task.offsets, task.read_px)
+            slide, tiles = _HANDLES_BY_THREAD.cache.get(task.path, task.backend)
+            if tiles is not None and tiles.supports(task.level):
+                patches = read_cells_native(tiles, task)
+            else:
+                block = slide.read_region(task.location, task.level, task.size)
+                patches = cut_patches(block, task.offsets, task.read_px)
             return RegionBatch(task.slide_key, task.region, patches)
         except WsiEmbedError as exc:
             return RegionBatch(task.slide_key, task.region, None, str(exc))

@@ -388,7 +388,10 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 if r.lock is not None:
                     r.lock.heartbeat()
             if isinstance(item, EndOfSlide):
-                yield _finish(run, pending, models_.runners, opts, precision)
+                result = _finish(run, pending, models_.runners, opts, precision)
+                if progress is not None and result.status == "done":
+                    progress(run.job.slide_id, result.cells, result.cells)
+                yield result
                 runs.pop(item.slide_key, None)
                 continue
             if run.failed:

@@ -8,12 +8,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
+from .fetch import find_published, timm_cached_file
 from .registry import EncoderConfig, get_config, list_configs
-from .weights import WeightsInfo, find_published, resolve, timm_cached_file
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .weights import WeightsInfo, resolve
+
+# Listing models must not import torch (`wsi-embed models` is a first screen): what needs it is
+# imported on first use.
+_LAZY = {"WeightsInfo": ".weights", "resolve": ".weights"}
 
 __all__ = [
     "Encoder",
@@ -24,6 +31,16 @@ __all__ = [
     "load_encoder",
     "models_table",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,8 @@ class Encoder:
 
 def load_encoder(name: str, weights: str = "auto") -> Encoder:
     """Build ``name`` and load ``weights`` (auto | random | PATH | URL) into it."""
+    from .weights import resolve
+
     cfg = get_config(name)
     module, info = resolve(cfg, weights)
     module.eval()
@@ -62,14 +81,14 @@ def load_encoder(name: str, weights: str = "auto") -> Encoder:
     return Encoder(cfg, module, info)
 
 
-def _cached(cfg: EncoderConfig) -> bool:
-    """Whether ``auto`` would find the weights here without network."""
+def _cached(cfg: EncoderConfig) -> bool | None:
+    """Whether ``auto`` would find the weights here without network (None: cannot tell cheaply)."""
     if cfg.weights_file:
         return find_published(cfg) is not None
     if cfg.family == "timm":
-        from .weights import _timm_pretrained_cfg
-
-        return timm_cached_file(_timm_pretrained_cfg(cfg.kwargs["model_name"])) is not None
+        if not cfg.timm_source:
+            return None
+        return timm_cached_file(dict(cfg.timm_source)) is not None
     return False
 
 

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 from wsi_embed.errors import WeightsUnavailable
 
@@ -61,6 +61,40 @@ def published_candidates(cfg: EncoderConfig) -> list[tuple[str, Path]]:
 
 def find_published(cfg: EncoderConfig) -> tuple[str, Path] | None:
     return next(((s, p) for s, p in published_candidates(cfg) if p.is_file()), None)
+
+
+def _safe_alternative(filename: str) -> str | None:
+    # timm prefers a .safetensors twin of a .bin file when the hub has one.
+    if filename == "pytorch_model.bin":
+        return "model.safetensors"
+    if filename.endswith(".bin"):
+        return filename[:-4].replace("pytorch_model", "model") + ".safetensors"
+    return None
+
+
+def timm_cached_file(pcfg: Mapping[str, Any]) -> Path | None:
+    """The file timm would load without network, if it is cached here.
+
+    ``pcfg`` is timm's pretrained_cfg, or the part of it a registry entry keeps
+    (``EncoderConfig.timm_source``: hf_hub_id, hf_hub_filename, url). Imports neither timm nor torch:
+    the Hugging Face cache ($HF_HUB_CACHE / $HF_HOME) is looked up with huggingface_hub's own
+    offline lookup, the torch hub cache as :func:`hub_checkpoint_dir` works it out."""
+    hub_id = pcfg.get("hf_hub_id")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = hub_id.partition("@")
+        first = pcfg.get("hf_hub_filename") or "pytorch_model.bin"
+        for name in filter(None, (_safe_alternative(first), first)):
+            hit = try_to_load_from_cache(repo, name, revision=revision or None)
+            if isinstance(hit, str):
+                return Path(hit)
+    url = pcfg.get("url")
+    if url:
+        local = hub_checkpoint_dir() / url_basename(url)
+        if local.is_file():
+            return local
+    return None
 
 
 def url_basename(url: str) -> str:

@@ -46,6 +46,9 @@ class EncoderConfig:
     ignore_prefixes: tuple[str, ...] = field(default=())
     # Checked on download when known (torchvision names its files by hash prefix).
     sha256_prefix: str | None = None
+    # timm models: where timm's pretrained_cfg says the weights live (hf_hub_id, hf_hub_filename,
+    # url), so that `wsi-embed models` can check the caches without importing timm (and torch).
+    timm_source: tuple[tuple[str, str | None], ...] = field(default=())
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -131,9 +134,15 @@ def _imagenet_rn50() -> EncoderConfig:
     )
 
 
+def _timm_source(pcfg: dict[str, Any]) -> tuple[tuple[str, str | None], ...]:
+    return tuple((k, pcfg.get(k) or None) for k in ("hf_hub_id", "hf_hub_filename", "url"))
+
+
 def _imagenet_vits16() -> EncoderConfig:
     # Values from timm's pretrained_cfg for this tag (checked by a test).
     tname = "vit_small_patch16_224.augreg_in21k_ft_in1k"
+    npz = ("https://storage.googleapis.com/vit_models/augreg/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-"
+           "do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_224.npz")
     return EncoderConfig(
         name="imagenet-vits16",
         architecture="ViT-S/16 (timm AugReg ImageNet-21k, fine-tuned ImageNet-1k)",
@@ -148,6 +157,7 @@ def _imagenet_vits16() -> EncoderConfig:
         dim=384,
         licence="Apache-2.0",
         ignore_prefixes=("head",),
+        timm_source=_timm_source({"hf_hub_id": f"timm/{tname}", "url": npz}),
     )
 
 
@@ -234,4 +244,5 @@ def _timm_config(tname: str) -> EncoderConfig:
         dim=dim,
         licence=str(pcfg.get("license") or "unknown (see the timm model card)"),
         ignore_prefixes=tuple(classifier),
+        timm_source=_timm_source(pcfg),
     )

@@ -14,7 +14,7 @@ from torch import nn
 from wsi_embed.errors import InvalidOption, WeightsMismatch, WeightsUnavailable
 
 from . import fetch
-from .fetch import find_published, published_candidates  # noqa: F401  (re-exported)
+from .fetch import _safe_alternative, find_published, published_candidates, timm_cached_file  # noqa: F401
 from .build import build_module
 from .checkpoint import load_strict, sha256_file
 from .registry import EncoderConfig
@@ -141,35 +141,6 @@ def _timm_pretrained_cfg(tname: str) -> dict[str, Any]:
 
     with torch.device("meta"):
         return dict(timm.create_model(tname, pretrained=False, num_classes=0).pretrained_cfg)
-
-
-def _safe_alternative(filename: str) -> str | None:
-    # timm prefers a .safetensors twin of a .bin file when the hub has one.
-    if filename == "pytorch_model.bin":
-        return "model.safetensors"
-    if filename.endswith(".bin"):
-        return filename[:-4].replace("pytorch_model", "model") + ".safetensors"
-    return None
-
-
-def timm_cached_file(pcfg: dict[str, Any]) -> Path | None:
-    """The file timm would load without network, if it is cached here."""
-    hub_id = pcfg.get("hf_hub_id")
-    if hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, _, revision = hub_id.partition("@")
-        first = pcfg.get("hf_hub_filename") or "pytorch_model.bin"
-        for name in filter(None, (_safe_alternative(first), first)):
-            hit = try_to_load_from_cache(repo, name, revision=revision or None)
-            if isinstance(hit, str):
-                return Path(hit)
-    url = pcfg.get("url")
-    if url:
-        local = fetch.hub_checkpoint_dir() / fetch.url_basename(url)
-        if local.is_file():
-            return local
-    return None
 
 
 def _timm_pretrained(cfg: EncoderConfig, spec: str) -> tuple[nn.Module, WeightsInfo]:

@@ -1,0 +1,194 @@
+"""Native tile reads for tiled TIFF-family slides (Aperio SVS, generic and Big TIFF, OME-TIFF).
+
+Instead of ``read_region`` (which decodes every tile under a block), a cell is cut from the raw
+tiles it touches: tile offsets come from tifffile, the bytes from ``os.pread``, and each tile is
+decoded once per region, JPEG by libjpeg-turbo (simplejpeg) and every other compression by
+tifffile's own decoder (imagecodecs).
+
+Two traps of JPEG tiles:
+
+- Aperio's tiles are abbreviated streams: the quantization and Huffman tables live in the
+  ``JPEGTables`` tag and are spliced in front of each tile.
+- Aperio's tiles are RGB-coded (photometric RGB, component ids 0/1/2, no Adobe marker), which
+  libjpeg would take for YCbCr. The colour space comes from the TIFF photometric tag, as openslide
+  and tifffile do: an Adobe APP14 marker with transform 0 tells libjpeg the samples are RGB.
+
+Only levels of plain 8-bit RGB/YCbCr pixels qualify; anything else keeps ``read_region``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+BACKGROUND = 255
+JPEG = 7
+PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR = 2, 6
+_SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
+_YCBCR_LABELLED_RGB = (33003, 33004)  # Aperio JPEG 2000 tiles: YCbCr samples under photometric RGB
+# APP14 "Adobe", version 100, flags 0, transform 0: the three components are R, G, B
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+@dataclass(frozen=True)
+class TiledLevel:
+    width: int
+    height: int
+    tile_w: int
+    tile_h: int
+    offsets: np.ndarray  # (tiles_down, tiles_across) int64 byte offsets, 0 where a tile is missing
+    counts: np.ndarray  # same shape, byte counts
+    compression: int
+    decode: Callable[[bytes, int], np.ndarray]  # (raw bytes, tile index) -> (tile_h, tile_w, 3) uint8
+
+
+def _jpeg_prefix(tables: bytes | None, photometric: int) -> bytes:
+    """What goes before a tile's own stream (after its SOI): the Adobe marker, then the tables."""
+    prefix = _SOI + (_ADOBE_RGB if photometric == PHOTOMETRIC_RGB else b"")
+    if tables:
+        body = tables[2:] if tables.startswith(_SOI) else tables
+        prefix += body[:-2] if body.endswith(_EOI) else body
+    return prefix
+
+
+def _jpeg_decoder(prefix: bytes, tile_h: int, tile_w: int):
+    import simplejpeg
+
+    def decode(data: bytes, index: int) -> np.ndarray:
+        stream = prefix + (data[2:] if data.startswith(_SOI) else data)
+        return _fit(simplejpeg.decode_jpeg(stream, colorspace="RGB"), tile_h, tile_w)
+
+    return decode
+
+
+def _tifffile_decoder(page, tile_h: int, tile_w: int):
+    """tifffile's own decoder (LZW, deflate, zstd, JPEG 2000, ...), with predictors undone."""
+    decode_page = page.decode
+    tables = getattr(page, "jpegtables", None)
+
+    def decode(data: bytes, index: int) -> np.ndarray:
+        array, _, _ = decode_page(data, index, jpegtables=tables)
+        return _fit(np.asarray(array).reshape(array.shape[-3:]), tile_h, tile_w)
+
+    return decode
+
+
+def _fit(tile: np.ndarray, tile_h: int, tile_w: int) -> np.ndarray:
+    """A decoded tile as (tile_h, tile_w, 3); short edge tiles are padded with background."""
+    if tile.shape[:2] == (tile_h, tile_w):
+        return tile
+    out = np.full((tile_h, tile_w, 3), BACKGROUND, dtype=np.uint8)
+    h, w = min(tile_h, tile.shape[0]), min(tile_w, tile.shape[1])
+    out[:h, :w] = tile[:h, :w, :3]
+    return out
+
+
+def _level_of(page) -> TiledLevel | None:
+    """The tile index of one pyramid level, or None when it does not qualify for native reads."""
+    if not page.is_tiled or page.tiledepth > 1 or page.dtype != np.uint8 or page.samplesperpixel != 3:
+        return None
+    if page.planarconfig != 1 or page.photometric not in (PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR):
+        return None
+    th, tw = int(page.tilelength), int(page.tilewidth)
+    across, down = math.ceil(page.imagewidth / tw), math.ceil(page.imagelength / th)
+    offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+    counts = np.asarray(page.databytecounts, dtype=np.int64)
+    if offsets.size != across * down:
+        return None
+    if page.compression == JPEG:
+        tables = page.jpegtables
+        # YCbCr JPEG is decoded as the stream says; RGB-coded JPEG needs the Adobe marker
+        decode = _jpeg_decoder(_jpeg_prefix(bytes(tables) if tables is not None else None, page.photometric),
+                               th, tw)
+    elif page.photometric == PHOTOMETRIC_YCBCR or page.compression in _YCBCR_LABELLED_RGB:
+        return None  # YCbCr in other codecs: leave it to the slide reader, which converts it
+    else:
+        decode = _tifffile_decoder(page, th, tw)
+    return TiledLevel(int(page.imagewidth), int(page.imagelength), tw, th, offsets.reshape(down, across),
+                      counts.reshape(down, across), int(page.compression), decode)
+
+
+class TileSource:
+    """Raw-tile access to one slide file; per process (it holds a file descriptor)."""
+
+    def __init__(self, path: Path, levels: list[TiledLevel | None]):
+        self.path = Path(path)
+        self.levels = levels
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, level_dimensions: Sequence[tuple[int, int]]) -> "TileSource | None":
+        """Native access to ``path`` when its pyramid levels are the slide reader's levels, else None."""
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                pages = [lv.keyframe for lv in series.levels]
+                if [(int(p.imagewidth), int(p.imagelength)) for p in pages] != [tuple(d) for d in level_dimensions]:
+                    return None
+                levels = [_level_of(p) for p in pages]
+        except Exception as exc:  # not parseable as we need it: the slide reader still works
+            log.debug("no native tile access for %s: %s", path, exc)
+            return None
+        if not any(levels):
+            return None
+        return cls(Path(path), levels)
+
+    def supports(self, level: int) -> bool:
+        return level < len(self.levels) and self.levels[level] is not None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _tile(self, lv: TiledLevel, ty: int, tx: int, cache: dict) -> np.ndarray | None:
+        key = (id(lv), ty, tx)
+        if key not in cache:
+            offset, count = int(lv.offsets[ty, tx]), int(lv.counts[ty, tx])
+            if offset <= 0 or count <= 0:
+                cache[key] = None  # a tile that was never written: background
+            else:
+                data = os.pread(self._fd, count, offset)
+                if len(data) != count:
+                    raise OSError(f"tile ({tx}, {ty}) is cut short: {len(data)} of {count} bytes")
+                cache[key] = lv.decode(data, ty * lv.offsets.shape[1] + tx)
+        return cache[key]
+
+    def read_into(self, level: int, x: int, y: int, out: np.ndarray, cache: dict | None = None) -> np.ndarray:
+        """Fill ``out`` (h, w, 3) with the level pixels whose top-left is (x, y); outside is white.
+
+        ``cache`` (tile -> pixels) lets the cells of one region share their decoded tiles."""
+        lv = self.levels[level]
+        cache = {} if cache is None else cache
+        h, w = out.shape[:2]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lv.width), min(y + h, lv.height)
+        if x1 <= x0 or y1 <= y0:
+            out[...] = BACKGROUND
+            return out
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            out[...] = BACKGROUND
+        for ty in range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1):
+            for tx in range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1):
+                tile = self._tile(lv, ty, tx, cache)
+                tx0, ty0 = tx * lv.tile_w, ty * lv.tile_h
+                ax0, ay0 = max(x0, tx0), max(y0, ty0)
+                ax1, ay1 = min(x1, tx0 + lv.tile_w), min(y1, ty0 + lv.tile_h)
+                dst = out[ay0 - y : ay1 - y, ax0 - x : ax1 - x]
+                if tile is None:
+                    dst[...] = BACKGROUND
+                else:
+                    dst[...] = tile[ay0 - ty0 : ay1 - ty0, ax0 - tx0 : ax1 - tx0]
+        return out
+
+    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        return self.read_into(level, x, y, np.empty((h, w, 3), dtype=np.uint8))
