@@ -246,6 +246,196 @@ def make_biopsies(
     return paths
 
 
+def sample_rgb(width: int, height: int, *, origin: tuple[int, int] = (0, 0), source: str | Path = DEFAULT_SOURCE,
+               seed: int = 0) -> np.ndarray:
+    """(height, width, 3) uint8: the real slide's pixels (tissue and its glass), mosaicked as in
+    :func:`make_slide`, from ``origin`` (x, y) of the mosaic on (tissue around (850, 900)).
+    Material for slides in other pixel formats (grey, 16-bit, RGBA, ...)."""
+    if width < 1 or height < 1:
+        raise ValueError(f"invalid size {width}x{height}")
+    patch = _source_levels(Path(source).resolve(), WHOLE_CROP)[0]
+    table = np.random.default_rng(seed).integers(0, 8, size=(_CELL_PERIOD, _CELL_PERIOD), dtype=np.uint8)
+    out = np.empty((height, width, 3), np.uint8)
+    _fill_mosaic(out, patch, table, int(origin[0]), int(origin[1]))
+    return out
+
+
+def area_downsample(image: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over factor x factor blocks (edges: over what is there), same dtype (floats stay floats,
+    integers are rounded). Works for (h, w) and (h, w, s) arrays."""
+    h, w = image.shape[:2]
+    hh, ww = -(-h // factor), -(-w // factor)
+    x = image.astype(np.float64)
+    pad = [(0, hh * factor - h), (0, ww * factor - w)] + [(0, 0)] * (image.ndim - 2)
+    ones = np.pad(np.ones((h, w)), pad[:2])
+    x = np.pad(x, pad)
+    shape = (hh, factor, ww, factor) + image.shape[2:]
+    sums = x.reshape(shape).sum(axis=(1, 3))
+    counts = ones.reshape(hh, factor, ww, factor).sum(axis=(1, 3))
+    mean = sums / (counts if image.ndim == 2 else counts[..., None])
+    return mean.astype(image.dtype) if image.dtype.kind == "f" else np.rint(mean).astype(image.dtype)
+
+
+def write_pyramid(
+    path: str | Path,
+    levels: Sequence[np.ndarray],
+    *,
+    mpp: float | None = 0.5,
+    tile: int = 256,
+    compression: str | int | None = "zlib",
+    **tiff_options,
+) -> Path:
+    """Write the given arrays as a pyramidal tiled TIFF that openslide (generic-tiff) and tiffslide
+    both read: one top-level directory per level, REDUCEDIMAGE after the first, resolution tags
+    for ``mpp`` scaled by each level's width. Any pixel format tifffile writes:
+    ``tiff_options`` go to ``TiffWriter.write`` (photometric, extrasamples, colormap,
+    planarconfig, compressionargs, description, extratags, ...); level arrays are (h, w) or
+    (h, w, s), or (s, h, w) with ``planarconfig='separate'``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    separate = tiff_options.get("planarconfig") in ("separate", 2)
+    width0 = levels[0].shape[2 if separate else 1]
+    with tifffile.TiffWriter(path) as tw:
+        for k, data in enumerate(levels):
+            res = {}
+            if mpp:
+                px_per_cm = 1e4 / (mpp * width0 / data.shape[2 if separate else 1])
+                res = {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
+            options = dict(tiff_options)
+            if k and "description" in options:
+                options.pop("description")
+            tw.write(np.ascontiguousarray(data), tile=(tile, tile), compression=compression,
+                     subfiletype=1 if k else 0, metadata=None, **res, **options)
+    return path
+
+
+def make_bomb(
+    path: str | Path,
+    *,
+    width: int = 10**6,
+    height: int = 10**6,
+    tile: int = 256,
+    tables: str = "sparse",
+    mpp: float = 0.5,
+) -> Path:
+    """Write a tiled RGB TIFF whose header claims ``width`` x ``height`` px but holds no pixels:
+    a decompression-bomb-style file for testing that opening, checking and describing stay fast.
+
+    Written by hand (one directory, uncompressed, tiles of ``tile`` px given as LONG so sizes past
+    65535 can be claimed). ``tables="sparse"``: every tile is empty (offset 0) and the offset and
+    byte-count tables lie in the file as holes, so a 10^6 x 10^6 px claim (15.3M tiles) is a
+    122 MB file that takes a few KiB of disk where the file system supports sparse files.
+    ``tables="past-eof"``: the tables are claimed past the end of a file of about 200 bytes.
+    """
+    import struct
+
+    if tables not in ("sparse", "past-eof"):
+        raise ValueError(f"tables must be 'sparse' or 'past-eof', got {tables!r}")
+    n = -(-width // tile) * -(-height // tile)
+    entries = 14
+    pos = 8 + 2 + entries * 12 + 4
+    bps_at, xres_at, yres_at = pos, pos + 6, pos + 14
+    pos += 22
+    if tables == "past-eof":
+        offsets_at, counts_at, end = 1 << 31, (1 << 31) + 4 * n, pos
+    else:
+        offsets_at, counts_at, end = pos, pos + 4 * n, pos + 8 * n
+        if end >= 1 << 32:
+            raise ValueError(f"{n} tiles do not fit a classic TIFF; use larger tiles")
+
+    def entry(tag: int, typ: int, count: int, value: int) -> bytes:
+        if typ == 3 and count == 1:  # SHORT, inline
+            return struct.pack("<HHIHH", tag, typ, count, value, 0)
+        return struct.pack("<HHII", tag, typ, count, value)
+
+    ifd = [entry(256, 4, 1, width), entry(257, 4, 1, height), entry(258, 3, 3, bps_at), entry(259, 3, 1, 1),
+           entry(262, 3, 1, 2), entry(277, 3, 1, 3), entry(282, 5, 1, xres_at), entry(283, 5, 1, yres_at),
+           entry(284, 3, 1, 1), entry(296, 3, 1, 3), entry(322, 4, 1, tile), entry(323, 4, 1, tile),
+           entry(324, 4, n, offsets_at), entry(325, 4, n, counts_at)]
+    assert len(ifd) == entries
+    px_per_cm = round(1e4 / mpp)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"II*\x00" + struct.pack("<I", 8))
+        f.write(struct.pack("<H", entries) + b"".join(ifd) + struct.pack("<I", 0))
+        f.write(struct.pack("<HHH", 8, 8, 8) + struct.pack("<II", px_per_cm, 1) * 2)
+        f.truncate(end)  # the tables: zeros, as holes
+    return path
+
+
+DICOM_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+
+
+def make_dicom_slide(
+    directory: str | Path,
+    *,
+    width: int,
+    height: int,
+    mpp: float = 0.5,
+    tile: int = 256,
+    levels: int = 2,
+    names: str = "level{k}.dcm",
+    series_uid: str | None = None,
+    source: str | Path = DEFAULT_SOURCE,
+    jpeg_quality: int = 85,
+    seed: int = 0,
+) -> list[Path]:
+    """Write a DICOM whole-slide image series (one file per level, downsamples 1, 4, 16, ...,
+    TILED_FULL, JPEG baseline frames) mosaicked from the real sample slide, as OpenSlide's DICOM
+    reader opens it; return the files. ``names`` formats each file's name from the level ``k``
+    (``"L{k}"`` writes files without an extension). Several series may share one directory
+    (pass distinct or default ``series_uid``). Needs pydicom (and imagecodecs for JPEG)."""
+    import imagecodecs
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import JPEGBaseline8Bit, generate_uid
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    patches = _source_levels(Path(source).resolve(), WHOLE_CROP)
+    rng = np.random.default_rng(seed)
+    table = rng.integers(0, 8, size=(_CELL_PERIOD, _CELL_PERIOD), dtype=np.uint8)
+    study, series, frame_ref = generate_uid(), series_uid or generate_uid(), generate_uid()
+    paths = []
+    for k, (h, w) in enumerate(_level_shapes(width, height, 1)[:levels]):
+        frames = [imagecodecs.jpeg8_encode(t, level=jpeg_quality)
+                  for t in _tiles((h, w), k, tile, patches[k], table, None, np.empty(0))]
+        level_mpp = mpp * width / w
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = DICOM_WSI_SOP_CLASS
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+        ds.SOPClassUID = DICOM_WSI_SOP_CLASS
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.Modality = "SM"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_ref
+        ds.InstanceNumber = k + 1
+        ds.DimensionOrganizationType = "TILED_FULL"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
+        ds.NumberOfFrames, ds.Rows, ds.Columns = len(frames), tile, tile
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = w, h
+        ds.TotalPixelMatrixFocalPlanes, ds.NumberOfOpticalPaths = 1, 1
+        ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = width * mpp / 1000, height * mpp / 1000
+        measures = Dataset()
+        measures.PixelSpacing = [level_mpp / 1000, level_mpp / 1000]  # mm, row spacing first
+        shared = Dataset()
+        shared.PixelMeasuresSequence = DicomSequence([measures])
+        ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+        ds.LossyImageCompression = "01"
+        ds.PixelData = encapsulate(frames)
+        ds["PixelData"].VR = "OB"
+        path = directory / names.format(k=k)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))

@@ -45,31 +45,34 @@ def _fail(message: str, code: int = EXIT_FAILED) -> None:
 
 
 @app.command()
-def info(slide: Path = typer.Argument(..., help="Slide file."),
+def info(slide: Path = typer.Argument(..., help="Slide file, or a folder holding one DICOM series."),
          as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
          backend: str = typer.Option("auto", help="auto | openslide | tiffslide"),
-         slide_mpp: Optional[float] = typer.Option(None, help="µm/px to use when the slide has none.")):
-    """Level-0 size, levels, downsamples, mpp and its source, vendor and objective power."""
+         slide_mpp: Optional[float] = typer.Option(
+             None, help="µm/px of the slide; overrides the file's resolution, as in embed.")):
+    """Level-0 size, levels, downsamples, mpp and its source (as embed would use them), vendor and
+    objective power."""
+    from .errors import MissingMpp, SlideOutOfLimits
     from .slide import describe, ensure_intact, open_slide, resolve_mpp
 
     _setup_logging(False)
     try:
         with open_slide(slide, backend=backend) as s:
-            ensure_intact(slide)
+            ensure_intact(s.path)  # a DICOM folder opens through one of its files
             try:
-                mpp = resolve_mpp(s, slide_mpp)
-            except WsiEmbedError:
-                mpp = None  # info still describes a slide without resolution metadata
+                mpp, mpp_problem = resolve_mpp(s, slide_mpp), None  # exactly what embed would use
+            except (MissingMpp, SlideOutOfLimits) as exc:  # still describe the slide; embed would fail
+                mpp, mpp_problem = None, str(exc).removeprefix(f"{s.path}: ")
             d = describe(s, mpp).to_dict()
     except WsiEmbedError as exc:
         _fail(str(exc))
     if as_json:
-        typer.echo(json.dumps(d, indent=2))
+        typer.echo(json.dumps({**d, "mpp_problem": mpp_problem}, indent=2))
         return
     typer.echo(f"slide            {d['path']}")
     typer.echo(f"backend          {d['backend']}  vendor {d['vendor'] or '-'}")
     typer.echo(f"level-0 size     {d['dimensions'][0]} x {d['dimensions'][1]} px")
-    mpp_text = f"{d['mpp']:.4f} µm/px ({d['mpp_source']})" if d["mpp"] else "unknown (pass --slide-mpp)"
+    mpp_text = f"{d['mpp']:.4f} µm/px ({d['mpp_source']})" if d["mpp"] else f"none: {mpp_problem}"
     typer.echo(f"mpp              {mpp_text}")
     typer.echo(f"objective power  {d['objective_power'] or '-'}")
     typer.echo(f"levels           {d['level_count']}")
@@ -136,6 +139,11 @@ def embed(
     slurm_cores: Optional[int] = typer.Option(None, help="CPUs per SLURM job."),
     slurm_memory: Optional[str] = typer.Option(None, help="Memory per SLURM job, e.g. 16GB."),
     slurm_jobs: Optional[int] = typer.Option(None, help="Number of SLURM jobs (dask workers)."),
+    max_cells: Optional[int] = typer.Option(
+        None, help="Refuse slides whose grid would have more cells than this (default 2,000,000: more than a "
+                   "whole 40x resection; more means a wrong resolution tag)."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Check the embeddings of complete stores before skipping them; redo damaged ones."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Embed slides: tissue detection, grid at --mpp, encoder, one Zarr store and QC picture per slide.
@@ -147,16 +155,19 @@ def embed(
     from .cohort.dask_driver import SlurmSettings
     from .cohort.progress import Progress
     from .grid import GridSpec
-    from .jobs import EmbedOptions
+    from .jobs import DEFAULT_MAX_CELLS, EmbedOptions, check_models
 
+    created_out = not out.exists()
     try:
         options = EmbedOptions(
             grid=GridSpec(mpp=mpp, patch_px=patch_size, stride_px=stride), min_tissue=min_tissue,
             backend=backend, dtype=dtype, workers=workers, batch_size=batch_size, device=device,
-            precision=precision, compile=compile, overwrite=overwrite, lock_stale_after=lock_stale_after)
+            precision=precision, compile=compile, overwrite=overwrite, lock_stale_after=lock_stale_after,
+            max_cells=DEFAULT_MAX_CELLS if max_cells is None else max_cells, verify=verify)
         models_ = [m.strip() for m in model.split(",") if m.strip()]
         if not models_:
             _fail(f"--model {model!r} names no model; see `wsi-embed models`")
+        check_models(models_)
         if slide_mpp is not None and not (0 < slide_mpp < float("inf")):
             _fail(f"--slide-mpp must be a positive number of µm/px, got {slide_mpp}")
         if not slides and slide_list is None:
@@ -165,6 +176,10 @@ def embed(
         slurm = SlurmSettings.from_file(cluster_config) if cluster_config else SlurmSettings()
         slurm = slurm.merged(queue=slurm_queue, walltime=slurm_walltime, gres=slurm_gres, cores=slurm_cores,
                              memory=slurm_memory, jobs=slurm_jobs)
+        if cluster is None:
+            from .infer import select_device
+
+            select_device(device)  # a device that is not there is said before anything else
         if cluster and not verbose:  # distributed sets its loggers to INFO when imported
             import distributed  # noqa: F401
 
@@ -179,13 +194,20 @@ def embed(
                                    progress=progress.cells)
         finally:
             progress.close()
-    except WeightsUnavailable as exc:
-        _fail(str(exc), EXIT_WEIGHTS_UNAVAILABLE)
     except WsiEmbedError as exc:
-        _fail(str(exc))
+        if created_out:  # a run that stopped before any slide leaves no empty --out behind
+            _remove_if_empty(out)
+        _fail(str(exc), EXIT_WEIGHTS_UNAVAILABLE if isinstance(exc, WeightsUnavailable) else EXIT_FAILED)
     typer.echo(f"summary: {summary.line()}; manifest {summary.manifest}")
     if not summary.ok:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:  # not empty, or not there: leave it
+        pass
 
 
 def _result_lines(result) -> list[str]:
@@ -196,6 +218,8 @@ def _result_lines(result) -> list[str]:
         return [f"skipped {result.slide_id}: {why}"]
     lines = [f"done    {result.slide_id}: {result.cells} cells in {result.seconds:.1f} s",
              f"        store {result.store}"]
+    if result.note:  # complete groups that were redone, and why
+        lines.append(f"        redone: {result.note}")
     if result.qc:
         lines.append(f"        qc    {result.qc}")
     return lines
@@ -239,6 +263,68 @@ def bench(
         if key != "machine":
             typer.echo(f"{key:<28} {value}")
     typer.echo(f"{'machine':<28} {json.dumps(result['machine'])}")
+
+
+@app.command()
+def verify(
+    targets: List[Path] = typer.Argument(..., help="Output folders (every *.zarr in them) or single stores."),
+    repair: bool = typer.Option(False, "--repair", help="Re-embed what is damaged, and only that; then check again."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    device: str = typer.Option("auto", help="For --repair: auto | cpu | cuda | cuda:N"),
+    workers: Optional[int] = typer.Option(None, help="For --repair: loader worker processes (default as for embed)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Check stores: metadata, chunk checksums, an embedding at every embedded cell and NaN elsewhere,
+    cell counts. One line per store and a summary; exit status 1 when a store is damaged (and not
+    repaired). --repair re-embeds a damaged encoder group alone, or rebuilds a store whose geometry
+    is damaged, with the options recorded in the store."""
+    _setup_logging(verbose)
+    from .jobs import EmbedOptions
+    from .verify import find_stores, repair_store, verify_store
+
+    try:
+        stores = [s for t in targets for s in find_stores(t)]
+        options = EmbedOptions(device=device, workers=workers)
+    except WsiEmbedError as exc:
+        _fail(str(exc))
+    rows, n_ok, n_damaged, n_repaired = [], 0, 0, 0
+    for store in stores:
+        try:
+            report = verify_store(store)
+            result = repair_store(store, options, report) if repair and not report.ok else None
+        except WsiEmbedError as exc:
+            n_damaged += 1
+            rows.append({"store": str(store), "ok": False, "error": str(exc)})
+            if not as_json:
+                typer.echo(f"failed   {store}: {exc}")
+            continue
+        except OSError as exc:  # permissions, I/O errors: say so for this store, go on with the others
+            n_damaged += 1
+            rows.append({"store": str(store), "ok": False, "error": f"cannot be read ({exc.strerror or exc})"})
+            if not as_json:
+                typer.echo(f"failed   {store}: cannot be read ({exc.strerror or exc}); check permissions")
+            continue
+        if report.ok:
+            n_ok += 1
+        elif result is not None and result.ok:
+            n_repaired += 1
+        else:
+            n_damaged += 1
+        rows.append(result.to_dict() if result is not None else report.to_dict())
+        if not as_json:
+            typer.echo(result.line() if result is not None else report.line())
+    line = f"{len(stores)} stores: {n_ok} ok, {n_damaged + n_repaired} damaged"
+    if repair:
+        line += f", {n_repaired} repaired"
+    elif n_damaged:
+        line += "; rerun with --repair to re-embed what is damaged"
+    if as_json:
+        typer.echo(json.dumps({"stores": rows, "ok": n_ok, "damaged": n_damaged + n_repaired,
+                               "repaired": n_repaired, "summary": line}, indent=2))
+    else:
+        typer.echo(f"summary: {line}")
+    if n_damaged:
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _terminated(signum, frame) -> None:
