@@ -79,7 +79,7 @@ class RunStats:
 class _RegionBuffer:
     r0: int
     c0: int
-    cells: tuple
+    cells: np.ndarray  # (n, 2) row, col of the cells to embed, in read order
     blocks: dict  # encoder -> (h, w, dim) float32 NaN-filled
     remaining: int
 
@@ -126,7 +126,8 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
     regions = plan_regions(grid, mask, block)
     for region in regions:
         blocks = {n: None for n in run.groups}
-        run.regions[region.index] = _RegionBuffer(region.r0, region.c0, region.cells, blocks, len(region.cells))
+        cells = np.asarray(region.cells, dtype=np.int64).reshape(-1, 2)
+        run.regions[region.index] = _RegionBuffer(region.r0, region.c0, cells, blocks, len(cells))
     run.result.cells = int(mask.sum())
     run.result.encoders = list(run.groups)
     tasks = [region_task(key, str(job.path), backend, grid, r) for r in regions]
@@ -402,7 +403,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
             stats.patches += item.patches.shape[0]
             try:
                 patches = item.patches.to(device, non_blocking=True)
-                pending.append((patches, [(item.region, i) for i in range(patches.shape[0])]))
+                pending.append((patches, np.full(patches.shape[0], item.region, dtype=np.int64)))
                 if sum(p.shape[0] for p, _ in pending) >= opts.batch_size:
                     _run_batches(run, pending, models_.runners, opts, flush=False)
             except torch.cuda.OutOfMemoryError as exc:
@@ -496,40 +497,44 @@ def _fail(run: _SlideRun, error: str, pending: list) -> None:
 
 def _run_batches(run: _SlideRun, pending: list, runners, opts: EmbedOptions, *, flush: bool) -> None:
     """Run full batches from ``pending``; with ``flush`` also the remainder. Batches never span
-    slides: the loop flushes at each end of slide."""
+    slides: the loop flushes at each end of slide. ``pending`` holds (patches, region of each)."""
     if not pending:
         return
     x = torch.cat([p for p, _ in pending]) if len(pending) > 1 else pending[0][0]
-    labels = [label for _, labels in pending for label in labels]
+    regions = np.concatenate([r for _, r in pending])
     n = x.shape[0]
     stop = n if flush else n - n % opts.batch_size
     for start in range(0, stop, opts.batch_size):
         end = min(start + opts.batch_size, stop)
         outs = {r.encoder.config.name: r(x[start:end]).cpu().numpy() for r in runners
                 if r.encoder.config.name in run.groups}
-        for j, (region, i) in enumerate(labels[start:end]):
-            _store_row(run, region, i, {k: v[j] for k, v in outs.items()}, opts)
+        _scatter(run, regions[start:end], outs, opts)
     run.cells_done += stop
     pending.clear()
     if stop < n:
-        pending.append((x[stop:], labels[stop:]))
+        pending.append((x[stop:], regions[stop:]))
 
 
-def _store_row(run: _SlideRun, region: int, i: int, rows: dict, opts: EmbedOptions) -> None:
-    buf = run.regions[region]
-    r, c = buf.cells[i]
-    for name, vec in rows.items():
-        block = buf.blocks.get(name)
-        if block is None:
-            h = min(run.block, run.grid.rows - buf.r0)
-            w = min(run.block, run.grid.cols - buf.c0)
-            block = buf.blocks[name] = np.full((h, w, vec.shape[0]), np.nan, dtype=np.float32)
-        block[r - buf.r0, c - buf.c0] = vec
-    buf.remaining -= 1
-    if buf.remaining == 0:
-        for name, block in buf.blocks.items():
-            run.groups[name].write_block(buf.r0, buf.c0, block.astype(opts.dtype))
-        del run.regions[region]
+def _scatter(run: _SlideRun, regions: np.ndarray, outs: dict, opts: EmbedOptions) -> None:
+    """Put a batch's rows into their regions' blocks (array indexing, no loop per patch); write each
+    block once its region is complete. Rows of one region arrive in read order."""
+    bounds = np.flatnonzero(np.diff(regions)) + 1
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(regions)]):
+        buf = run.regions[int(regions[lo])]
+        done = len(buf.cells) - buf.remaining
+        cells = buf.cells[done : done + hi - lo]
+        for name, out in outs.items():
+            block = buf.blocks.get(name)
+            if block is None:
+                h = min(run.block, run.grid.rows - buf.r0)
+                w = min(run.block, run.grid.cols - buf.c0)
+                block = buf.blocks[name] = np.full((h, w, out.shape[1]), np.nan, dtype=np.float32)
+            block[cells[:, 0] - buf.r0, cells[:, 1] - buf.c0] = out[lo:hi]
+        buf.remaining -= hi - lo
+        if buf.remaining == 0:
+            for name, block in buf.blocks.items():
+                run.groups[name].write_block(buf.r0, buf.c0, block.astype(opts.dtype))
+            del run.regions[int(regions[lo])]
 
 
 def _finish(run: _SlideRun, pending: list, runners, opts: EmbedOptions, precision: str) -> SlideResult:
