@@ -119,6 +119,30 @@ def _loader_only(tasks, workers: int, device) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
+def _decode_limit(tasks) -> float | None:
+    """Patches per second that decoding their tiles alone allows on one core (each tile once);
+    None when the slides have no native tile path."""
+    from .tiles import TileSource, decode_seconds, tiles_under
+
+    wanted: dict[tuple[str, int], set] = {}
+    patches = 0
+    for task in tasks:
+        cells = wanted.setdefault((task.path, task.level), set())
+        patches += len(task.offsets)
+        cells.update((task.level_xy[0] + x, task.level_xy[1] + y, task.read_px) for x, y in task.offsets)
+    seconds = 0.0
+    for (path, level), cells in wanted.items():
+        source = TileSource.open(path)
+        if source is None or not source.supports(level):
+            return None
+        try:
+            tiles = {t for x, y, size in cells for t in tiles_under(source.levels[level], x, y, size, size)}
+            seconds += decode_seconds(source, level, tiles)
+        finally:
+            source.close()
+    return patches / seconds if seconds else None
+
+
 def _model_only(runner: EncoderRunner, read_px: int, batch_size: int, n_patches: int, device) -> float:
     """uint8 batches of the read size already on the device: convert, resize, normalize, encode."""
     gen = torch.Generator().manual_seed(0)
@@ -191,6 +215,7 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
             per_slide_cap = max_patches if len(paths) == 1 else None
             results = list(embed_slides(jobs, out, [encoder], weights, replace(opts, max_patches=per_slide_cap),
                                         stats=stats))
+        decode_limit = _decode_limit(tasks)
         naive_rate = _naive(tasks, read_px, opts.grid.patch_px, encoder.config.mean, encoder.config.std,
                             naive_patches) if naive_patches else None
     failed = [r for r in results if r.status == "failed"]
@@ -216,6 +241,13 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
         "end_to_end_patches_per_s": round(e2e_rate, 2),
         "end_to_end_over_model": round(e2e_rate / model_rate, 3) if model_rate else None,
         "loader_wait_fraction": round(stats.loader_wait_fraction, 3),
+        "time_to_first_batch_s": round(stats.first_batch_s, 3) if stats.first_batch_s is not None else None,
+        "steady_patches_per_s": round(stats.steady_patches_per_s, 2),
+        "steady_over_model": round(stats.steady_patches_per_s / model_rate, 3) if model_rate else None,
+        "busy_fraction": stats.busy(),
+        "decode_limit_patches_per_s": round(decode_limit, 2) if decode_limit else None,
+        "loader_over_decode_limit": (round(loader_rate / (decode_limit * max(1, loader_workers)), 3)
+                                     if decode_limit else None),
         "end_to_end_s": round(stats.total_s, 3),
         "per_slide_overhead_s": round(max(0.0, stats.total_s - compute_s) / len(paths), 4) if paths else None,
         "naive_loader_patches_per_s": round(naive_rate, 2) if naive_rate else None,

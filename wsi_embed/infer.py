@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,36 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DeviceClock:
+    """Time the device spends in encoder calls: CUDA events on a GPU (read once, at the end, so
+    no batch waits for them), wall time on the CPU, where the calls are synchronous."""
+
+    def __init__(self, device: torch.device):
+        self._cuda = device.type == "cuda"
+        self._events: list = []
+        self._cpu_s = 0.0
+        self._t0 = 0.0
+
+    def __enter__(self) -> "DeviceClock":
+        if self._cuda:
+            self._events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self._events[-1][0].record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._cuda:
+            self._events[-1][1].record()
+        else:
+            self._cpu_s += time.perf_counter() - self._t0
+
+    def seconds(self) -> float:
+        if self._cuda and self._events:
+            self._events[-1][1].synchronize()
+        return self._cpu_s + sum(a.elapsed_time(b) for a, b in self._events) / 1000.0
 
 
 def select_device(spec: str = "auto") -> torch.device:

@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -56,6 +57,7 @@ class RegionBatch:
     region: int
     patches: torch.Tensor | None  # (n, read_px, read_px, 3) uint8
     error: str | None = None
+    read_s: float = 0.0  # time the loader took to read, decode and cut these patches
 
     def pin_memory(self) -> "RegionBatch":  # called by DataLoader's pin thread
         if self.patches is not None:
@@ -160,6 +162,7 @@ class RegionDataset(Dataset):
     def __getitem__(self, task):
         if isinstance(task, EndOfSlide):
             return task
+        started = time.perf_counter()
         try:
             slide, tiles = _HANDLES_BY_THREAD.cache.get(task.path, task.backend)
             if tiles is not None and tiles.supports(task.level):
@@ -167,7 +170,7 @@ class RegionDataset(Dataset):
             else:
                 block = slide.read_region(task.location, task.level, task.size)
                 patches = cut_patches(block, task.offsets, task.read_px)
-            return RegionBatch(task.slide_key, task.region, patches)
+            return RegionBatch(task.slide_key, task.region, patches, read_s=time.perf_counter() - started)
         except WsiEmbedError as exc:
             return RegionBatch(task.slide_key, task.region, None, str(exc))
         except Exception as exc:  # the slide's own failure, reported per slide, not a crash

@@ -22,7 +22,7 @@ import zarr
 from .errors import (InvalidOption, LockLost, OutputNotWritable, RunWideError, SlideChanged, SlideOutOfLimits,
                      StoreConflict, StoreWriteError, WsiEmbedError)
 from .grid import Grid, choose_block, plan_grid, plan_regions
-from .infer import EncoderRunner, select_device, select_precision
+from .infer import DeviceClock, EncoderRunner, select_device, select_precision
 from .loader import EndOfSlide, default_workers, make_loader, region_task, release_handles
 from .jobs import EmbedOptions, SlideJob, SlideResult, model_name, slide_id_for
 from .resume import Resume, plan_resume
@@ -69,10 +69,29 @@ class RunStats:
     patches: int = 0
     wait_s: float = 0.0  # the model side waiting for the loader
     total_s: float = 0.0
+    read_s: float = 0.0  # loader time reading, decoding and cutting patches (summed over processes)
+    device_s: float = 0.0  # the encoders busy (CUDA events on a GPU)
+    first_batch_s: float | None = None  # from the start to the first batch's embeddings
+    first_batch_patches: int = 0  # patches counted by then
+    workers: int = 0
 
     @property
     def loader_wait_fraction(self) -> float:
         return self.wait_s / self.total_s if self.total_s else 0.0
+
+    @property
+    def steady_patches_per_s(self) -> float:
+        """The rate after the first batch: slide preparation, writes and slide boundaries included."""
+        if self.first_batch_s is None or self.total_s <= self.first_batch_s:
+            return 0.0
+        return (self.patches - self.first_batch_patches) / (self.total_s - self.first_batch_s)
+
+    def busy(self) -> dict:
+        """Fractions of the run's wall time each stage was busy."""
+        wall = self.total_s or float("inf")
+        return {"decode": round(self.read_s / (max(1, self.workers) * wall), 3),
+                "main_thread": round(1 - self.wait_s / wall, 3),
+                "device": round(self.device_s / wall, 3)}
 
 
 @dataclass
@@ -374,6 +393,8 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
     loader = make_loader(task_feed, workers=workers, pin_memory=device.type == "cuda", yield_cpu=True)
     pending: list[tuple[torch.Tensor, list]] = []  # (patches on device, [(region, cell index)])
     stats = stats if stats is not None else RunStats()
+    stats.workers = workers
+    clock = DeviceClock(device)
     started = time.perf_counter()
     items = None
     try:
@@ -389,7 +410,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 if r.lock is not None:
                     r.lock.heartbeat()
             if isinstance(item, EndOfSlide):
-                result = _finish(run, pending, models_.runners, opts, precision)
+                result = _finish(run, pending, models_.runners, opts, clock)
                 if progress is not None and result.status == "done":
                     progress(run.job.slide_id, result.cells, result.cells)
                 yield result
@@ -401,11 +422,15 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 _fail(run, item.error, pending)
                 continue
             stats.patches += item.patches.shape[0]
+            stats.read_s += item.read_s
             try:
                 patches = item.patches.to(device, non_blocking=True)
                 pending.append((patches, np.full(patches.shape[0], item.region, dtype=np.int64)))
                 if sum(p.shape[0] for p, _ in pending) >= opts.batch_size:
-                    _run_batches(run, pending, models_.runners, opts, flush=False)
+                    _run_batches(run, pending, models_.runners, opts, clock, flush=False)
+                    if stats.first_batch_s is None:
+                        stats.first_batch_s = time.perf_counter() - started
+                        stats.first_batch_patches = stats.patches
             except torch.cuda.OutOfMemoryError as exc:
                 raise InvalidOption(f"the GPU ran out of memory at --batch-size {opts.batch_size}; "
                                     "lower --batch-size") from exc
@@ -417,6 +442,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 progress(run.job.slide_id, run.cells_done, run.result.cells)
     finally:
         stats.total_s = time.perf_counter() - started
+        stats.device_s = clock.seconds()
         del items  # stops the workers
         task_feed.close()  # waits for a slide being prepared, so its run is cleaned up too
         for run in list(runs.values()):
@@ -495,7 +521,8 @@ def _fail(run: _SlideRun, error: str, pending: list) -> None:
     _release(run)  # after abort: the next owner must not see our temporaries
 
 
-def _run_batches(run: _SlideRun, pending: list, runners, opts: EmbedOptions, *, flush: bool) -> None:
+def _run_batches(run: _SlideRun, pending: list, runners, opts: EmbedOptions, clock: DeviceClock, *,
+                 flush: bool) -> None:
     """Run full batches from ``pending``; with ``flush`` also the remainder. Batches never span
     slides: the loop flushes at each end of slide. ``pending`` holds (patches, region of each)."""
     if not pending:
@@ -506,8 +533,9 @@ def _run_batches(run: _SlideRun, pending: list, runners, opts: EmbedOptions, *, 
     stop = n if flush else n - n % opts.batch_size
     for start in range(0, stop, opts.batch_size):
         end = min(start + opts.batch_size, stop)
-        outs = {r.encoder.config.name: r(x[start:end]).cpu().numpy() for r in runners
-                if r.encoder.config.name in run.groups}
+        with clock:
+            outs = {r.encoder.config.name: r(x[start:end]).cpu().numpy() for r in runners
+                    if r.encoder.config.name in run.groups}
         _scatter(run, regions[start:end], outs, opts)
     run.cells_done += stop
     pending.clear()
@@ -537,14 +565,14 @@ def _scatter(run: _SlideRun, regions: np.ndarray, outs: dict, opts: EmbedOptions
             del run.regions[int(regions[lo])]
 
 
-def _finish(run: _SlideRun, pending: list, runners, opts: EmbedOptions, precision: str) -> SlideResult:
+def _finish(run: _SlideRun, pending: list, runners, opts: EmbedOptions, clock: DeviceClock) -> SlideResult:
     result = run.result
     if run.failed or result.status == "skipped":
         _release(run)
         result.seconds = time.perf_counter() - run.started
         return result
     try:
-        _run_batches(run, pending, runners, opts, flush=True)
+        _run_batches(run, pending, runners, opts, clock, flush=True)
         if run.regions:
             raise RuntimeError(f"{len(run.regions)} regions were not completed")
         if fingerprint(run.job.path) != run.fingerprint:
