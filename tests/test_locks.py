@@ -125,3 +125,76 @@ def test_one_winner_among_concurrent_takeovers(tmp_path, round_):
         p.join(timeout=30)
     assert sum(wins) == 1
     assert not list(tmp_path.glob("*.takeover"))
+
+
+# -- malformed locks, odd paths, bad settings ----------------------------------------------------
+@pytest.mark.parametrize("pid", [0, -1, -7, 2**40])
+@pytest.mark.parametrize("host", [None, "elsewhere"])
+def test_malformed_pid_is_stale_at_once(tmp_path, pid, host):
+    """kill(0) and kill(-1) 'succeed' (they signal groups): such a lock used to block forever."""
+    path = lock_path(tmp_path, "s")
+    path.write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid, "started": time.time(),
+                                "token": "bad"}))  # fresh: no age-based staleness can apply
+    lock, owner = try_lock(tmp_path, "s")
+    assert lock is not None and owner is None and lock.held()
+    lock.release()
+    assert not path.exists() and not list(tmp_path.glob("*.takeover"))
+
+
+def test_empty_directory_at_the_lock_path_is_removed(tmp_path):
+    path = lock_path(tmp_path, "s")
+    path.mkdir()
+    lock, _ = try_lock(tmp_path, "s")
+    assert lock is not None and path.is_file()
+    lock.release()
+
+
+def test_non_empty_directory_at_the_lock_path_is_a_clear_error(tmp_path):
+    from wsi_embed.errors import WsiEmbedError
+
+    path = lock_path(tmp_path, "s")
+    path.mkdir()
+    (path / "keep.txt").write_text("someone's data")
+    with pytest.raises(locks.LockPathBlocked) as info:
+        try_lock(tmp_path, "s")
+    err = info.value
+    assert isinstance(err, locks.LockError) and isinstance(err, WsiEmbedError) and isinstance(err, OSError)
+    assert str(path) in str(err) and "\n" not in str(err) and str(err).startswith(str(path))
+    assert (path / "keep.txt").read_text() == "someone's data"
+    assert not list(tmp_path.glob("*.takeover"))
+
+
+@pytest.mark.parametrize("value", [0, -5, float("nan"), "soon"])
+def test_lock_stale_after_must_be_positive(tmp_path, value):
+    from wsi_embed.errors import InvalidOption
+
+    with pytest.raises(InvalidOption, match="--lock-stale-after must be a positive"):
+        try_lock(tmp_path, "s", stale_after=value)
+    assert not lock_path(tmp_path, "s").exists()
+
+
+def test_too_long_id_is_its_own_error(tmp_path):
+    import errno
+
+    from wsi_embed.ids import MAX_ID_BYTES
+
+    with pytest.raises(locks.LockNameTooLong) as info:
+        try_lock(tmp_path, "x" * 300)
+    err = info.value
+    assert err.errno == errno.ENAMETOOLONG and isinstance(err, locks.LockError)
+    assert str(err) == err.strerror and "300 bytes" in str(err) and f"max {MAX_ID_BYTES}" in str(err)
+    assert "slide_id column" in str(err) and "free space" not in str(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_leaves_no_empty_lock(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(locks.os, "write", full)
+    with pytest.raises(OSError) as info:
+        try_lock(tmp_path, "s")
+    assert info.value.errno == errno.ENOSPC
+    assert not lock_path(tmp_path, "s").exists()  # an empty one would block the slide for everyone

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 import signal
 import socket
@@ -15,7 +14,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 

@@ -112,7 +112,8 @@ def embed(
     patch_size: int = typer.Option(224, help="Patch side in pixels at the target resolution."),
     stride: Optional[int] = typer.Option(None, help="Grid step in pixels at the target resolution (default: patch size)."),
     min_tissue: float = typer.Option(0.25, help="Embed cells whose tissue fraction is at least this."),
-    slide_mpp: Optional[float] = typer.Option(None, help="µm/px to use for slides without resolution metadata."),
+    slide_mpp: Optional[float] = typer.Option(
+        None, help="The slides' resolution in µm/px; overrides what the files say (0.05-100)."),
     backend: str = typer.Option("auto", help="auto | openslide | tiffslide"),
     workers: Optional[int] = typer.Option(None, help="Loader worker processes (default: one per core up to 16 on GPU; on CPU 0 below 8 cores, else cores // 8)."),
     batch_size: int = typer.Option(64, help="Patches per encoder batch."),
@@ -149,13 +150,15 @@ def embed(
     """Embed slides: tissue detection, grid at --mpp, encoder, one Zarr store and QC picture per slide.
 
     Directories are searched recursively; reruns skip complete stores; a manifest row per slide
-    goes to <out>/manifest.csv. Exit status 1 when any slide failed."""
+    goes to <out>/manifest.csv. Exit status 1 when any slide failed, 4 when none failed but some were
+    locked by other runs, 3 when the published weights are unavailable."""
     _setup_logging(verbose)
     from .cohort import embed_cohort, parse_shard, plan_cohort
     from .cohort.dask_driver import SlurmSettings
     from .cohort.progress import Progress
     from .grid import GridSpec
     from .jobs import DEFAULT_MAX_CELLS, EmbedOptions, check_models
+    from .slide import check_slide_mpp
 
     created_out = not out.exists()
     try:
@@ -168,11 +171,11 @@ def embed(
         if not models_:
             _fail(f"--model {model!r} names no model; see `wsi-embed models`")
         check_models(models_)
-        if slide_mpp is not None and not (0 < slide_mpp < float("inf")):
-            _fail(f"--slide-mpp must be a positive number of µm/px, got {slide_mpp}")
+        if slide_mpp is not None:
+            check_slide_mpp(slide_mpp)
         if not slides and slide_list is None:
             _fail("no slides given: pass slide files or directories, or --list FILE")
-        jobs = plan_cohort(slides or [], slide_list, slide_mpp=slide_mpp, shard=parse_shard(shard))
+        jobs = plan_cohort(slides or [], slide_list, slide_mpp=slide_mpp, shard=parse_shard(shard), out_dir=out)
         slurm = SlurmSettings.from_file(cluster_config) if cluster_config else SlurmSettings()
         slurm = slurm.merged(queue=slurm_queue, walltime=slurm_walltime, gres=slurm_gres, cores=slurm_cores,
                              memory=slurm_memory, jobs=slurm_jobs)
@@ -199,8 +202,8 @@ def embed(
             _remove_if_empty(out)
         _fail(str(exc), EXIT_WEIGHTS_UNAVAILABLE if isinstance(exc, WeightsUnavailable) else EXIT_FAILED)
     typer.echo(f"summary: {summary.line()}; manifest {summary.manifest}")
-    if not summary.ok:
-        raise typer.Exit(EXIT_FAILED)
+    if summary.exit_code:
+        raise typer.Exit(summary.exit_code)
 
 
 def _remove_if_empty(path: Path) -> None:

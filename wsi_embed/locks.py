@@ -12,20 +12,29 @@ and a random token that identifies this acquisition. Recovery from owners that d
 
 A stale lock is removed by one contender at a time (see :func:`_take_over`); then the usual
 ``O_EXCL`` create decides who owns the slide.
+
+A malformed lock (a pid that cannot be a process: 0, negative, huge) was not written by this
+tool and is stale at once, whoever the host; so is an empty directory at the lock's path (it is
+removed). A non-empty directory there is not ours to delete: :class:`LockPathBlocked` names it.
+Errors about one slide's lock (:class:`LockError`) fail that slide, not the run.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import socket
+import stat
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InvalidOption, WsiEmbedError
 from .errors import LockLost  # noqa: F401  (re-exported: it is raised about these locks)
+from .ids import MAX_ID_BYTES, id_bytes
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,29 @@ DEFAULT_STALE_AFTER = 3600.0  # seconds without a heartbeat before another host'
 HEARTBEAT_EVERY = 60.0
 _UNREADABLE_GRACE = 30.0  # a lock file being written right now may still be empty
 _GUARD_EXPIRES = 30.0  # a takeover takes milliseconds; an older guard was left by a dead process
+_PID_LIMIT = 1 << 31  # pids are positive C ints on every system we might share a folder with
+
+
+class LockError(WsiEmbedError, OSError):
+    """This slide's lock cannot be created: fail this slide, the others go on.
+
+    An ``OSError`` whose ``errno`` is the cause (ENAMETOOLONG, ENOTEMPTY) and whose ``str`` and
+    ``strerror`` are the one-line message."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno, self.strerror = code, message
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class LockNameTooLong(LockError):
+    """The lock's file name is too long (ENAMETOOLONG): the slide id is too long."""
+
+
+class LockPathBlocked(LockError):
+    """Something that is not a lock file (a non-empty directory) sits at the lock's path."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +94,11 @@ def _proc_start(pid: int) -> int | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    if not 0 < pid < _PID_LIMIT:  # kill(0) and kill(-1) signal groups: they say nothing of one pid
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):
         return False
     except PermissionError:  # exists, owned by another user
         return True
@@ -72,12 +106,23 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _read_owner(path: Path) -> LockOwner | None:
+    """The lock's owner; None while unreadable. A malformed pid is kept (see :func:`_malformed`)."""
     try:
         data = json.loads(path.read_text())
+        proc_start = data.get("proc_start")
+        if not isinstance(proc_start, int) or isinstance(proc_start, bool):
+            proc_start = None
         return LockOwner(str(data["host"]), int(data["pid"]), float(data["started"]), str(data["token"]),
-                         data.get("proc_start"))
-    except (OSError, ValueError, KeyError, TypeError):
+                         proc_start)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
         return None
+
+
+def _malformed(owner: LockOwner) -> str | None:
+    """Why ``owner`` cannot have been written by a live run of this tool (bad pid), or None."""
+    if not 0 < owner.pid < _PID_LIMIT:
+        return f"malformed (pid {owner.pid})"
+    return None
 
 
 class SlideLock:
@@ -137,20 +182,34 @@ def _create(path: Path) -> SlideLock | None:
         payload = {"host": owner.host, "pid": owner.pid, "started": owner.started,
                    "started_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(owner.started)),
                    "token": owner.token, "proc_start": owner.proc_start}
-        os.write(fd, (json.dumps(payload) + "\n").encode())
-    finally:
+        data = (json.dumps(payload) + "\n").encode()
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.ENOSPC, "short write to the lock file")
+    except BaseException:
         os.close(fd)
+        try:  # an empty lock would block the slide for everyone during the unreadable grace
+            path.unlink()
+        except OSError:
+            pass
+        raise
+    os.close(fd)
     return SlideLock(path, owner)
 
 
 def stale_reason(path: Path, owner: LockOwner | None, stale_after: float) -> str | None:
     """Why the lock at ``path`` (owned by ``owner``, None if unreadable) is stale; None if live."""
     try:
-        age = time.time() - path.stat().st_mtime
+        st = path.stat()
     except FileNotFoundError:
         return "gone"
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory, not a lock file"
+    age = time.time() - st.st_mtime
     if owner is None:
         return f"unreadable for {age:.0f} s" if age > _UNREADABLE_GRACE else None
+    malformed = _malformed(owner)
+    if malformed:
+        return malformed
     if owner.host == socket.gethostname():
         if not _pid_alive(owner.pid):
             return f"owner {owner.describe()} is not running"
@@ -188,15 +247,34 @@ def _take_over(path: Path, judged: LockOwner | None, stale_after: float) -> None
         same = (current is None and judged is None) or (
             current is not None and judged is not None and current.token == judged.token)
         if same and stale_reason(path, current, stale_after) is not None:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+            _remove_lock(path)
     finally:
         try:
             guard.unlink()
         except FileNotFoundError:
             pass
+
+
+def _remove_lock(path: Path) -> None:
+    """Unlink a stale lock; an empty directory in its place is removed, a non-empty one is refused."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except (IsADirectoryError, PermissionError):  # Linux says EISDIR, macOS EPERM for a folder
+        if not path.is_dir():
+            raise
+        try:
+            path.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as rm_exc:
+            if rm_exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise LockPathBlocked(
+                    f"{path}: a directory with files in it sits where this slide's lock file goes; "
+                    "move or remove it, then rerun", errno.ENOTEMPTY) from None
+            raise
+        log.info("%s: removed an empty directory at the lock's path", path)
 
 
 def try_lock(out_dir: str | os.PathLike, slide_id: str, *,
@@ -206,9 +284,23 @@ def try_lock(out_dir: str | os.PathLike, slide_id: str, *,
     Returns ``(lock, None)`` when taken, or ``(None, owner)`` when a live process holds it
     (``owner`` may be None when its file is still being written).
     """
+    try:
+        positive = float(stale_after) > 0  # False for NaN
+    except (TypeError, ValueError):
+        positive = False
+    if not positive:
+        raise InvalidOption(f"--lock-stale-after must be a positive number of seconds, got {stale_after}")
     path = lock_path(out_dir, slide_id)
     for _ in range(40):  # each round takes the lock, finds a live owner, or clears a stale one
-        lock = _create(path)
+        try:
+            lock = _create(path)
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise LockNameTooLong(
+                    f"cannot create the lock for slide {slide_id[:40]}...: its id is {id_bytes(slide_id)} bytes, "
+                    f"too long for a file name (max {MAX_ID_BYTES}); give it a shorter id with --list and a "
+                    "slide_id column", errno.ENAMETOOLONG) from exc
+            raise
         if lock is not None:
             return lock, None
         owner = _read_owner(path)

@@ -4,7 +4,6 @@ or ``embed_slides`` which streams several slides through one loader and one set 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import math
 import threading
@@ -26,22 +25,15 @@ from .infer import DeviceClock, EncoderRunner, select_device, select_precision
 from .loader import EndOfSlide, default_workers, make_loader, region_task, release_handles
 from .jobs import EmbedOptions, SlideJob, SlideResult, model_name, slide_id_for
 from .resume import Resume, plan_resume
-from .locks import lock_path, try_lock
+from .ids import id_problem
+from .locks import LockError, lock_path, try_lock
 from .qc import qc_path_for, qc_title, render_qc, render_store_qc, write_png_atomic
 from .slide import describe, ensure_intact, fingerprint, open_slide, resolve_mpp
-from .store import (StoreWriter, completed_encoders, ensure_writable, group_name,
+from .store import (StoreWriter, completed_encoders, ensure_writable, read_guard,
                     remove_stale_temporaries, store_path)
-from .tissue import cell_tissue_fraction, detect_tissue, read_thumbnail
+from .tissue import cell_tissue_fraction, detect_tissue, read_thumbnail, tissue_method
 
 log = logging.getLogger(__name__)
-
-
-def pending_encoders(out_dir: Path, slide_id: str, names: Sequence[str], overwrite: bool) -> list[str]:
-    """Encoders still to run for this slide (all of them under --overwrite)."""
-    if overwrite:
-        return list(names)
-    done = set(completed_encoders(store_path(out_dir, slide_id)))
-    return [n for n in names if n not in done]
 
 
 # -- per-slide state ---------------------------------------------------------------------------
@@ -111,7 +103,8 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
     final = store_path(out_dir, job.slide_id)
     remove_stale_temporaries(out_dir, job.slide_id)
     append = not resume.rebuild and final.exists() and bool(completed_encoders(final))
-    conflict = _geometry_conflict(final, job, opts) if append else None
+    with read_guard(final, "the store's attributes"):
+        conflict = _geometry_conflict(final, job, opts) if append else None
     if conflict and not opts.overwrite:
         raise StoreConflict(conflict)
     if conflict:  # --overwrite with other grid options or another slide: rebuild it all
@@ -123,7 +116,8 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
         mpp = resolve_mpp(slide, job.slide_mpp)
         if append:  # add (or, under --overwrite, replace) groups; other groups are kept
             run.fingerprint = fingerprint(job.path)
-            grid, mask, block = _reuse_geometry(writer)
+            with read_guard(final, "mask"):
+                grid, mask, block = _reuse_geometry(writer)
         else:
             grid, mask, block = _new_geometry(slide, mpp, job, writer, opts, run, encoders, cancel)
         backend = slide.backend
@@ -153,18 +147,12 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
     return run, tasks
 
 
-_TOO_LONG = ("{path}: slide id {slide_id!r} is too long for a file name; give it a shorter id with --list and a "
-             "slide_id column")
-
-
 @contextlib.contextmanager
 def _writing(job: SlideJob, out_dir: Path):
     """A write that fails (full disk, quota, a name too long) fails this slide with one line."""
     try:
         yield
     except OSError as exc:
-        if exc.errno == errno.ENAMETOOLONG:
-            raise StoreWriteError(_TOO_LONG.format(path=job.path, slide_id=job.slide_id)) from None
         raise StoreWriteError(f"{job.slide_id}: cannot write its store in {out_dir} ({exc.strerror or exc}); "
                               "check free space and permissions, then rerun") from None
 
@@ -223,7 +211,7 @@ def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run:
     attrs = {
         "slide": {**geo.info.to_dict(), "slide_id": job.slide_id},
         "grid": {**grid.attrs(), "block": geo.block},
-        "tissue": {**opts.tissue.to_dict(), "min_tissue": opts.min_tissue, "method": "saturation Otsu",
+        "tissue": {**opts.tissue.to_dict(), "min_tissue": opts.min_tissue, "method": tissue_method(thumb.image),
                    "thumbnail_mpp": [thumb.mpp_x, thumb.mpp_y],
                    "thumbnail_scale": [thumb.scale_x, thumb.scale_y],
                    "tissue_area_mm2": float(tissue_mask.sum() * thumb.mpp_x * thumb.mpp_y / 1e6),
@@ -319,15 +307,20 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
     def start(key: int, job: SlideJob) -> list:
         """Check, lock and prepare one slide; runs in the prep thread, one slide ahead."""
         run, tasks, lock = None, [], None
-        resume = plan_resume(out_dir, job, models_.names, weights, overwrite=opts.overwrite, verify=opts.verify)
+        problem = id_problem(job.slide_id, job.path)  # before any file is named after it
+        resume = Resume(error=problem) if problem else plan_resume(
+            out_dir, job, models_.names, weights, overwrite=opts.overwrite, verify=opts.verify)
         if resume.error is None and not resume.nothing_to_do:
-            lock, owner = _lock(out_dir, job, opts)
+            try:
+                lock, owner = _lock(out_dir, job, opts)
+            except LockError as exc:  # this slide's lock path is unusable: this slide fails
+                resume, lock, owner = Resume(error=str(exc)), None, None
             if lock is not None:
                 held[:] = [h for h in held if not h.released] + [lock]
                 # another process may have finished it between our check and the lock
                 resume = plan_resume(out_dir, job, models_.names, weights, overwrite=opts.overwrite,
                                      verify=opts.verify)
-            else:  # another live process is embedding it: not a failure
+            elif resume.error is None:  # another live process is embedding it: not a failure
                 run = _skipped(job, models_.names, out_dir,
                                f"locked by {owner.describe() if owner else 'another process'}")
         if run is None and resume.error is not None:
@@ -351,7 +344,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
             except Exception as exc:  # one slide's unexpected failure must not stop the cohort
                 log.exception("unexpected error preparing %s", job.path)
                 run = _failed_run(job, f"{job.path}: {type(exc).__name__}: {exc}")
-        if run.result.status == "failed" and lock is not None:
+        if run.failed and lock is not None:
             lock.release()
             lock = None
         run.lock = lock
@@ -459,12 +452,13 @@ class Cancelled(BaseException):
 
 
 def _lock(out_dir: Path, job: SlideJob, opts: EmbedOptions):
-    """``try_lock`` with its errors sorted: a name too long fails this slide, anything else the run."""
+    """``try_lock`` with its errors sorted: a lock path this slide cannot use fails this slide
+    (:class:`LockError`), anything else concerns the output folder and stops the run."""
     try:
         return try_lock(out_dir, job.slide_id, stale_after=opts.lock_stale_after)
+    except LockError:
+        raise
     except OSError as exc:
-        if exc.errno == errno.ENAMETOOLONG:
-            raise StoreWriteError(_TOO_LONG.format(path=job.path, slide_id=job.slide_id)) from None
         raise OutputNotWritable(f"{out_dir}: cannot create the lock for {job.slide_id} ({exc.strerror or exc}); "
                                 "check the output directory (free space, permissions)") from exc
 
@@ -583,7 +577,7 @@ def _finish(run: _SlideRun, pending: list, runners, opts: EmbedOptions, clock: D
                            "this run's copy is discarded (raise --lock-stale-after if hosts are slow)")
         with _writing(run.job, run.writer.final.parent):
             for group in run.groups.values():
-                run.writer.mark_complete(group)
+                run.writer.mark_complete(group, cells=result.cells)
             result.store = str(run.writer.commit())
         result.status = "done"
         if opts.qc:  # after the commit: no picture without its store

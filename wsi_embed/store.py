@@ -4,12 +4,19 @@ Layout (see README, "Store layout")::
 
     <slide_id>.zarr/  attrs wsi_embed, slide, grid, tissue
       mask, tissue_fraction, coords, thumbnail, tissue_mask
-      <encoder>/  attrs encoder, complete
+      <encoder>/  attrs encoder, complete, cells
         embeddings (rows, cols, dim)
+
+Every array is written with a ``crc32c`` checksum after its compressor, so a damaged chunk is found
+when it is read (:mod:`wsi_embed.verify` reads them all); stores written before that still read.
+Temporaries always start with ``.`` (``.<id>.zarr.tmp-*``, groups ``.<name>.tmp-*`` inside a store)
+and slide ids never do: only such a name is taken for a temporary (``scan.tmp-1.zarr`` is a store).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import glob
 import logging
 import os
@@ -18,17 +25,35 @@ import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from . import __version__
-from .errors import IncompleteStore, OutputNotWritable, WsiEmbedError
+from .errors import CorruptStore, IncompleteStore, OutputNotWritable, WsiEmbedError
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 TMP_MARK = ".tmp-"
+GEOMETRY_ARRAYS = ("mask", "tissue_fraction", "coords", "thumbnail", "tissue_mask")
+# zstd as before, then a checksum of the compressed bytes: a truncated or overwritten chunk fails it
+COMPRESSORS = (ZstdCodec(level=0, checksum=False), Crc32cCodec())
+# geometry chunks are few: write them all (even all-False ones), so a missing chunk file is damage
+_EVERY_CHUNK = {"write_empty_chunks": True}
+
+
+def is_temporary(name: str) -> bool:
+    """A temporary store or group name (``.<id>.zarr.tmp-*``, ``.<group>.tmp-*``). Ids never start
+    with ``.``, so ``scan.tmp-1.zarr`` is a real store."""
+    return name.startswith(".") and TMP_MARK in name
+
+
+def has_checksums(array: zarr.Array) -> bool:
+    """Whether ``array`` was written with the crc32c codec (stores from before it have none)."""
+    return any(isinstance(c, Crc32cCodec) for c in array.metadata.codecs)
 
 
 def group_name(encoder_name: str) -> str:
@@ -68,9 +93,11 @@ class EncoderGroupWriter:
     name: str
     array: zarr.Array
     group: zarr.Group
+    cells_written: int = 0  # cells whose embedding is finite, over every block written
 
     def write_block(self, r0: int, c0: int, block: np.ndarray) -> None:
         self.array[r0 : r0 + block.shape[0], c0 : c0 + block.shape[1]] = block
+        self.cells_written += int(np.isfinite(block).all(axis=-1).sum())
 
 
 class StoreWriter:
@@ -97,15 +124,17 @@ class StoreWriter:
         root.attrs.update({"wsi_embed": {"schema_version": SCHEMA_VERSION, "version": __version__}, **attrs})
         rows, cols = mask.shape
         c = (max(1, chunk), max(1, chunk))
-        root.create_array("mask", data=np.asarray(mask, dtype=bool), chunks=c, dimension_names=("row", "col"))
+        common = {"compressors": COMPRESSORS, "config": _EVERY_CHUNK}
+        root.create_array("mask", data=np.asarray(mask, dtype=bool), chunks=c, dimension_names=("row", "col"),
+                          **common)
         root.create_array("tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32), chunks=c,
-                          dimension_names=("row", "col"))
+                          dimension_names=("row", "col"), **common)
         root.create_array("coords", data=np.asarray(coords, dtype=np.int64), chunks=c + (2,),
-                          dimension_names=("row", "col", "xy"))
+                          dimension_names=("row", "col", "xy"), **common)
         root.create_array("thumbnail", data=np.asarray(thumbnail, dtype=np.uint8),
-                          chunks=(1024, 1024, 3), dimension_names=("y", "x", "rgb"))
+                          chunks=(1024, 1024, 3), dimension_names=("y", "x", "rgb"), **common)
         root.create_array("tissue_mask", data=np.asarray(tissue_mask, dtype=bool), chunks=(1024, 1024),
-                          dimension_names=("y", "x"))
+                          dimension_names=("y", "x"), **common)
         self._root = root
 
     def open_existing(self) -> zarr.Group:
@@ -122,13 +151,21 @@ class StoreWriter:
         group.attrs.update({"encoder": attrs, "complete": False})
         array = group.create_array(
             "embeddings", shape=(rows, cols, dim), chunks=(max(1, chunk), max(1, chunk), dim),
-            dtype=dtype, fill_value=np.nan, dimension_names=("row", "col", "feature"),
+            dtype=dtype, fill_value=np.nan, dimension_names=("row", "col", "feature"), compressors=COMPRESSORS,
         )
         self._groups[name] = (self.root_path / tmp_node, self.root_path / node)
         return EncoderGroupWriter(name, array, group)
 
-    def mark_complete(self, writer: EncoderGroupWriter) -> None:
-        writer.group.attrs.update({"complete": True})  # written last
+    def mark_complete(self, writer: EncoderGroupWriter, cells: int | None = None) -> None:
+        """Set ``complete`` (written last) and ``cells``, the number of embedded cells, which
+        :func:`wsi_embed.verify.verify_store` checks against the mask. ``cells`` defaults to the
+        cells written with a finite embedding."""
+        if cells is None:
+            cells = writer.cells_written
+        elif cells != writer.cells_written:
+            log.warning("%s: %d cells expected, %d written with a finite embedding",
+                        writer.name, cells, writer.cells_written)
+        writer.group.attrs.update({"complete": True, "cells": int(cells)})
 
     def commit(self) -> Path:
         """Move everything into place. Safe against crashes at any point: see module doc."""
@@ -159,14 +196,44 @@ class StoreWriter:
             _remove(self.root_path)
 
 
+def repair_backup_path(store: Path) -> Path:
+    """Where ``wsi-embed verify --repair`` keeps a damaged store while it is rebuilt (a temporary that
+    :func:`remove_stale_temporaries` leaves alone while its process lives). ``.zarr.bad`` is as long
+    as ``.zarr.old``, so every id that fits :mod:`wsi_embed.ids`' length limit fits here too."""
+    store = Path(store)
+    return store.with_name(f".{store.name}.bad{_tmp_suffix()}")
+
+
+def _owner_gone(name: str) -> bool:
+    """For a temporary made by :func:`_tmp_suffix`: its process, on this host, has ended."""
+    try:
+        host, pid, _ = name.rsplit(TMP_MARK, 1)[1].rsplit("-", 2)
+        pid = int(pid)
+    except (IndexError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False  # cannot tell: left for a run on that host
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list[Path]:
     """Delete temporaries left by killed runs (callers must hold the slide's lock, if any): temporary
-    stores, swapped-out old stores, temporary QC pictures, temporary groups inside a store."""
+    stores, swapped-out old stores, temporary QC pictures, temporary groups inside a store, and the
+    backups of repairs whose process has ended."""
     out_dir = Path(out_dir)
     sid = glob.escape(slide_id) if slide_id else "*"
     removed = []
-    for pattern in (f".{sid}.zarr{TMP_MARK}*", f".{sid}.zarr.old{TMP_MARK}*", f".{sid}.qc.png.tmp-*"):
+    for pattern in (f".{sid}.zarr{TMP_MARK}*", f".{sid}.zarr.old{TMP_MARK}*", f".{sid}.qc.png.tmp-*",
+                    f".{sid}.zarr.bad{TMP_MARK}*"):
         for path in out_dir.glob(pattern):
+            if ".zarr.bad" in pattern and not _owner_gone(path.name):
+                continue  # a repair in progress keeps its backup until it has succeeded or restored it
             if path.is_dir():
                 _remove(path)
             else:
@@ -182,38 +249,163 @@ def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list
 
 
 # -- reading -----------------------------------------------------------------------------------
-def completed_encoders(path: Path) -> list[str]:
-    """Encoder names whose groups are complete; [] when the store is missing or unreadable."""
+def repair_hint(store: Path) -> str:
+    return f"repair it with: wsi-embed verify {store} --repair"
+
+
+def settle_zarr_reads(timeout: float = 30.0) -> None:
+    """Let a failed read's other chunk tasks finish on zarr's event loop thread.
+
+    When one chunk of a read fails to decode, zarr raises at once while the read's other chunk
+    tasks are still pending on its loop; at interpreter exit they are destroyed, and asyncio logs
+    "Task was destroyed but it is pending!" for each (pages of it). Waiting for them here, right
+    after the failed read, leaves nothing pending. Nothing global is changed."""
     try:
-        root = zarr.open_group(str(path), mode="r", zarr_format=3)
-        names = []
-        for key, group in root.groups():
-            if key.startswith("."):
-                continue
-            attrs = group.attrs.asdict()
-            if attrs.get("complete") is True:
-                names.append(attrs.get("encoder", {}).get("name", key))
-        return names
-    except Exception:  # a missing or damaged store simply has nothing complete
+        from zarr.core import sync as zsync
+
+        loop = zsync.loop[0]
+    except (ImportError, AttributeError, IndexError):  # another zarr layout: nothing to wait for
+        return
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    zarr_dir = os.path.dirname(zarr.__file__)
+
+    def _zarrs(task: asyncio.Task) -> bool:  # only zarr's own tasks: others may run for long
+        code = getattr(task.get_coro(), "cr_code", None)
+        return code is not None and code.co_filename.startswith(zarr_dir)
+
+    async def _settle() -> None:
+        me = asyncio.current_task()
+        end = loop.time() + timeout
+        while True:
+            pending = [t for t in asyncio.all_tasks() if t is not me and _zarrs(t)]
+            left = end - loop.time()
+            if not pending or left <= 0:
+                return
+            await asyncio.wait(pending, timeout=left)
+
+    try:
+        asyncio.run_coroutine_threadsafe(_settle(), loop).result(timeout + 5)
+    except Exception as exc:  # waiting is a courtesy; the read's own error is what matters
+        log.debug("could not settle zarr's pending reads: %r", exc)
+
+
+def damage_reason(exc: BaseException) -> str:
+    """A short, plain reason for a failed read of a store node."""
+    text = str(exc)
+    low = text.lower()
+    if isinstance(exc, ValueError) and "checksum" in low:
+        return "a chunk fails its checksum"
+    if "decompress" in low or "zstd" in low or "blosc" in low:
+        return "a chunk cannot be decompressed: truncated or overwritten"
+    if isinstance(exc, (KeyError, FileNotFoundError)):
+        return "its zarr.json is missing"
+    if isinstance(exc, ValueError) and ("json" in type(exc).__name__.lower() or "metadata" in low):
+        return "its zarr.json cannot be parsed"
+    first = text.splitlines()[0][:120] if text else "unreadable"
+    return f"{type(exc).__name__}: {first}"
+
+
+@contextlib.contextmanager
+def read_guard(store: Path, node: str) -> Iterator[None]:
+    """Reads of a store node: a damaged chunk or metadata file raises :class:`CorruptStore` naming
+    the store, the node and the fix, never a raw codec error (and leaves no asyncio noise)."""
+    try:
+        yield
+    except WsiEmbedError:
+        raise
+    except Exception as exc:
+        settle_zarr_reads()
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            raise  # permissions, I/O errors: not damage to the store
+        raise CorruptStore(f"{store}: {node} is damaged ({damage_reason(exc)}); {repair_hint(store)}") from exc
+
+
+def _read_group(path: Path) -> tuple[zarr.Group, dict]:
+    group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    return group, group.attrs.asdict()
+
+
+def _read_array(path: Path) -> zarr.Array:
+    return zarr.open_array(str(path), mode="r", zarr_format=3)
+
+
+def group_dirs(path: Path) -> list[str]:
+    """Names of the directories inside a store that may be encoder groups (not geometry, not
+    temporaries), read from the file system so one damaged node cannot hide the others."""
+    return sorted(e.name for e in os.scandir(path)
+                  if e.is_dir() and not e.name.startswith(".") and e.name not in GEOMETRY_ARRAYS)
+
+
+def completed_encoders(path: Path) -> list[str]:
+    """Encoder names whose groups are complete, the resume check: [] when the store is missing or
+    its root metadata cannot be read; a group whose metadata or embeddings metadata cannot be read
+    is not complete. So a rerun redoes what is damaged."""
+    path = Path(path)
+    try:
+        _, attrs = _read_group(path)
+        keys = group_dirs(path)
+    except Exception as exc:  # a missing or damaged store simply has nothing complete
+        log.debug("%s: no complete encoders (%r)", path, exc)
         return []
+    if "wsi_embed" not in attrs:
+        return []
+    names = []
+    for key in keys:
+        try:
+            _, gattrs = _read_group(path / key)
+            if gattrs.get("complete") is not True:
+                continue
+            if _read_array(path / key / "embeddings").ndim != 3:
+                continue
+        except Exception as exc:  # damaged metadata: not complete
+            log.debug("%s: group %s is not complete (%r)", path, key, exc)
+            continue
+        names.append(gattrs.get("encoder", {}).get("name", key))
+    return names
+
+
+class CheckedArray(zarr.Array):
+    """A zarr array whose ``[...]`` reads raise :class:`CorruptStore` for a damaged chunk, naming the
+    store and the array, instead of a raw codec error."""
+
+    def __init__(self, array: zarr.Array, store: Path, node: str):
+        super().__init__(array.async_array)
+        self._wsi_store, self._wsi_node = Path(store), node
+
+    def __getitem__(self, selection):
+        with read_guard(self._wsi_store, self._wsi_node):
+            return super().__getitem__(selection)
 
 
 class EmbeddingStore:
-    """Read a finished store. Refuses incomplete stores and encoder groups.
+    """Read a finished store. Refuses temporary and incomplete stores and encoder groups; a damaged
+    one raises :class:`CorruptStore` when read (and at once with ``verify=True``).
 
     >>> s = open_store("out/CMU-1-Small-Region.zarr")
     >>> feats, xy = s.bag("lunit-bt-rn50")   # (N, dim) float32 and (N, 2) level-0 coords
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, verify: bool = False):
         self.path = Path(path)
-        if TMP_MARK in self.path.name:
+        if is_temporary(self.path.name):
             raise IncompleteStore(f"{self.path}: a temporary store of an unfinished run; rerun wsi-embed embed")
         if not (self.path / "zarr.json").exists():
+            if self.path.is_dir() and any((self.path / n / "zarr.json").exists() for n in GEOMETRY_ARRAYS):
+                raise CorruptStore(f"{self.path}: its root metadata (zarr.json) is missing; "
+                                   f"see wsi-embed verify {self.path}")
             raise IncompleteStore(f"{self.path}: not a wsi-embed store (no zarr.json); check the path")
-        self.root = zarr.open_group(str(self.path), mode="r", zarr_format=3)
-        if "wsi_embed" not in self.root.attrs:
+        with read_guard(self.path, "zarr.json (root metadata)"):
+            self.root, attrs = _read_group(self.path)
+        if "wsi_embed" not in attrs:
             raise IncompleteStore(f"{self.path}: not a wsi-embed store; check the path")
+        if verify:
+            from .verify import verify_store
+
+            report = verify_store(self.path)
+            if not report.ok:
+                raise CorruptStore(report.error_line())
 
     @property
     def attrs(self) -> dict:
@@ -223,7 +415,7 @@ class EmbeddingStore:
     def encoders(self) -> list[str]:
         return completed_encoders(self.path)
 
-    def _group(self, encoder: str | None) -> zarr.Group:
+    def _group(self, encoder: str | None) -> tuple[str, zarr.Group]:
         done = self.encoders
         if encoder is None:
             if len(done) != 1:
@@ -233,32 +425,81 @@ class EmbeddingStore:
                     if done else f"{self.path}: no complete encoder group; rerun wsi-embed embed")
             encoder = done[0]
         node = group_name(encoder)
-        if node not in self.root or self.root[node].attrs.get("complete") is not True:
+        if encoder not in done:
+            gpath = self.path / node
+            try:
+                _, gattrs = _read_group(gpath)
+                damaged = gattrs.get("complete") is True  # complete, yet its embeddings cannot be opened
+                what = f"{node}/embeddings"
+            except Exception:  # noqa: BLE001 - the group's own metadata is damaged or absent
+                damaged = gpath.is_dir() and (gpath / "embeddings").is_dir()
+                what = node
+            if damaged:
+                raise CorruptStore(f"{self.path}: {what} is damaged (its metadata cannot be read); "
+                                   f"{repair_hint(self.path)}")
             raise IncompleteStore(
                 f"{self.path}: encoder {encoder!r} is missing or incomplete "
                 f"(complete: {', '.join(done) or 'none'}); rerun wsi-embed embed --model {encoder}")
-        return self.root[node]
+        with read_guard(self.path, node):
+            return node, _read_group(self.path / node)[0]
 
     def encoder_attrs(self, encoder: str | None = None) -> dict:
-        return self._group(encoder).attrs.asdict()["encoder"]
+        node, group = self._group(encoder)
+        with read_guard(self.path, node):
+            return group.attrs.asdict()["encoder"]
 
     def embeddings(self, encoder: str | None = None) -> zarr.Array:
-        return self._group(encoder)["embeddings"]
+        """The (rows, cols, dim) embeddings, NaN outside the mask. Reads with ``[...]`` raise
+        :class:`CorruptStore` for a damaged chunk."""
+        node, group = self._group(encoder)
+        with read_guard(self.path, f"{node}/embeddings"):
+            return CheckedArray(_read_array(self.path / node / "embeddings"), self.path, f"{node}/embeddings")
+
+    def _geometry(self, name: str) -> zarr.Array:
+        with read_guard(self.path, name):
+            return CheckedArray(_read_array(self.path / name), self.path, name)
 
     @property
     def mask(self) -> np.ndarray:
-        return self.root["mask"][...]
+        return self._geometry("mask")[...]
 
     @property
     def coords(self) -> np.ndarray:
-        return self.root["coords"][...]
+        return self._geometry("coords")[...]
 
     def bag(self, encoder: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The embedded cells as a MIL bag: features (N, dim) float32 and level-0 coords (N, 2)."""
+        """The embedded cells as a MIL bag: features (N, dim) float32 and level-0 coords (N, 2), in
+        row-major order. Read one band of chunk rows at a time: memory is about the bag's size.
+        Raises :class:`CorruptStore` when an embedded cell has no finite embedding (a lost chunk)."""
+        node, group = self._group(encoder)
+        emb = self.embeddings(encoder)
         mask = self.mask
-        emb = self.embeddings(encoder)[...]
-        return emb[mask].astype(np.float32), self.coords[mask]
+        coords = self._geometry("coords")
+        rows, dim = emb.shape[0], emb.shape[2]
+        n_cells = int(mask.sum())
+        with read_guard(self.path, node):
+            recorded = group.attrs.asdict().get("cells")
+        if mask.shape != emb.shape[:2] or (recorded is not None and recorded != n_cells):
+            raise CorruptStore(f"{self.path}: the mask ({n_cells} cells, {mask.shape}) disagrees with {node} "
+                               f"({recorded} cells, {emb.shape[:2]}); {repair_hint(self.path)}")
+        feats = np.empty((n_cells, dim), dtype=np.float32)
+        xy = np.empty((n_cells, 2), dtype=np.int64)
+        band, k, lost = max(1, int(emb.chunks[0])), 0, 0
+        for r0 in range(0, rows, band):
+            m = mask[r0 : r0 + band]
+            n = int(m.sum())
+            if n:
+                feats[k : k + n] = emb[r0 : r0 + band][m]
+                xy[k : k + n] = coords[r0 : r0 + band][m]
+                lost += int((~np.isfinite(feats[k : k + n]).all(axis=1)).sum())
+                k += n
+        if lost:
+            raise CorruptStore(f"{self.path}: {node}/embeddings is damaged ({lost} of {n_cells} embedded cells "
+                               f"have no finite embedding: chunk files lost); {repair_hint(self.path)}")
+        return feats, xy
 
 
-def open_store(path: str | os.PathLike) -> EmbeddingStore:
-    return EmbeddingStore(path)
+def open_store(path: str | os.PathLike, *, verify: bool = False) -> EmbeddingStore:
+    """Open a finished store for reading. ``verify=True`` first reads every chunk and checks the
+    store (:func:`wsi_embed.verify.verify_store`), raising :class:`CorruptStore` if it is damaged."""
+    return EmbeddingStore(path, verify=verify)

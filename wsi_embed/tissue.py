@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -10,6 +11,8 @@ from PIL import Image
 
 from .grid import Grid
 from .slide import Slide
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,33 @@ def read_thumbnail(slide: Slide, slide_mpp: float, params: TissueParams) -> Thum
 
     A pyramid level up to twice as coarse as ``thumb_mpp`` is used as is (reading a level 16x
     larger to shrink it would cost seconds on big slides and gain nothing for tissue detection).
+
+    Some converters write the lower pyramid levels in YCbCr (or with swapped channels) labelled
+    as RGB, and a tissue mask from such a level is wrong. So the level's colours are checked
+    against level 0 at a few places (:func:`_colour_mismatch`, small reads) and a finer level is
+    used when they disagree.
     """
     w0, h0 = slide.dimensions
     floor_mpp = max(params.thumb_mpp, slide_mpp, max(w0, h0) * slide_mpp / params.max_thumb_px)
     downsamples = slide.level_downsamples
     level = max((lv for lv, ds in enumerate(downsamples) if slide_mpp * ds <= 2 * floor_mpp * 1.001),
                 default=0, key=lambda lv: downsamples[lv])
+    while True:
+        thumb = _thumbnail_from_level(slide, level, slide_mpp, floor_mpp)
+        mismatch = _colour_mismatch(slide, thumb) if downsamples[level] > 1 else None
+        if mismatch is None:
+            return thumb
+        finer = max((lv for lv, ds in enumerate(downsamples) if ds < downsamples[level]),
+                    default=0, key=lambda lv: downsamples[lv])
+        log.warning("%s: pyramid level %d looks miscoloured (its colours differ from level 0 by %.0f/255 at "
+                    "most sampled places: YCbCr or swapped channels labelled as RGB?); the thumbnail is read "
+                    "from level %d instead", slide.path, level, mismatch, finer)
+        level = finer
+
+
+def _thumbnail_from_level(slide: Slide, level: int, slide_mpp: float, floor_mpp: float) -> Thumbnail:
+    w0, h0 = slide.dimensions
+    downsamples = slide.level_downsamples
     mpp = max(floor_mpp, slide_mpp * downsamples[level])
     tw, th = max(1, round(w0 * slide_mpp / mpp)), max(1, round(h0 * slide_mpp / mpp))
     lw, lh = slide.level_dimensions[level]
@@ -65,8 +89,61 @@ def read_thumbnail(slide: Slide, slide_mpp: float, params: TissueParams) -> Thum
     return Thumbnail(thumb, w0 * slide_mpp / tw, h0 * slide_mpp / th, tw / w0, th / h0)
 
 
+_CHECK_GRID = 3  # places checked: the most coloured window in each cell of a 3 x 3 grid over the thumbnail
+_CHECK_WINDOW = 4  # thumbnail px per window side (16 µm at 4 µm/px: a read of a few dozen level-0 px)
+_CHECK_TOLERANCE = 20.0  # largest per-channel difference of mean colours, out of 255, that still agrees
+
+
+def _colour_mismatch(slide: Slide, thumb: Thumbnail) -> float | None:
+    """The typical colour difference between the thumbnail and level 0 when they disagree, else None.
+
+    At the most coloured small window (largest max - min over R, G, B) of each cell of a 3 x 3 grid
+    (stained tissue where there is any: glass alone would not show swapped channels) the thumbnail's
+    mean colour is compared with the mean colour of the same area read from level 0. They disagree
+    when a third or more of the places differ by more than ``_CHECK_TOLERANCE`` in some channel
+    (JPEG and resampling stay far below it).
+    """
+    img = thumb.image
+    th, tw = img.shape[:2]
+    win = max(1, min(_CHECK_WINDOW, th // _CHECK_GRID, tw // _CHECK_GRID))
+    chroma = img.max(axis=2).astype(np.float32) - img.min(axis=2)
+    diffs = []
+    for gy in range(_CHECK_GRID):
+        for gx in range(_CHECK_GRID):
+            y0, y1 = gy * th // _CHECK_GRID, (gy + 1) * th // _CHECK_GRID
+            x0, x1 = gx * tw // _CHECK_GRID, (gx + 1) * tw // _CHECK_GRID
+            if y1 - y0 < win or x1 - x0 < win:
+                continue
+            # summed chroma of every win x win window in the cell (integral image): take the largest
+            ii = np.zeros((y1 - y0 + 1, x1 - x0 + 1), np.float64)
+            ii[1:, 1:] = chroma[y0:y1, x0:x1].cumsum(0).cumsum(1)
+            sums = ii[win:, win:] - ii[:-win, win:] - ii[win:, :-win] + ii[:-win, :-win]
+            wy, wx = np.unravel_index(int(np.argmax(sums)), sums.shape)
+            ty, tx = y0 + int(wy), x0 + int(wx)
+            seen = img[ty : ty + win, tx : tx + win].reshape(-1, 3).mean(axis=0)
+            lx0, ly0 = int(round(tx / thumb.scale_x)), int(round(ty / thumb.scale_y))
+            lx1, ly1 = int(round((tx + win) / thumb.scale_x)), int(round((ty + win) / thumb.scale_y))
+            truth = slide.read_region((lx0, ly0), 0, (max(1, lx1 - lx0), max(1, ly1 - ly0)))
+            diffs.append(float(np.abs(truth.reshape(-1, 3).mean(axis=0) - seen).max()))
+    if not diffs:
+        return None
+    diffs = np.asarray(diffs)
+    off = diffs > _CHECK_TOLERANCE
+    return float(np.median(diffs[off])) if off.mean() >= 1 / 3 else None
+
+
+def is_grey(rgb: np.ndarray) -> bool:
+    """A thumbnail without colour (a grey slide repeated into RGB)."""
+    return rgb.size == 0 or int((rgb.max(axis=2) - rgb.min(axis=2)).max()) <= 2
+
+
+def tissue_method(rgb: np.ndarray) -> str:
+    return "darkness Otsu (grey slide)" if is_grey(rgb) else "saturation Otsu"
+
+
 def detect_tissue(thumb: Thumbnail, params: TissueParams) -> np.ndarray:
-    """Boolean tissue mask: saturation Otsu, blur, closing, small objects and holes removed."""
+    """Boolean tissue mask: saturation Otsu (darkness on grey slides), blur, closing, small objects
+    and holes removed."""
     from skimage import filters, morphology
 
     if thumb.image.shape[0] < 2 or thumb.image.shape[1] < 2:
@@ -75,15 +152,20 @@ def detect_tissue(thumb: Thumbnail, params: TissueParams) -> np.ndarray:
     # HSV saturation and value in float32 (rgb2hsv would make three float64 planes)
     rgb = thumb.image
     value = rgb.max(axis=2)  # uint8: the big planes stay one byte per pixel where they can
-    saturation = (value - rgb.min(axis=2)).astype(np.float32)
-    np.divide(saturation, value, out=saturation, where=value > 0)
-    saturation = filters.gaussian(saturation, sigma=max(0.5, params.blur_um / um), preserve_range=True)
+    grey = is_grey(rgb)
+    if grey:  # no colour to go by: tissue is what is darker than the glass
+        feature = (255 - value).astype(np.float32) / 255
+    else:
+        feature = (value - rgb.min(axis=2)).astype(np.float32)
+        np.divide(feature, value, out=feature, where=value > 0)
+    feature = filters.gaussian(feature, sigma=max(0.5, params.blur_um / um), preserve_range=True)
     try:
-        threshold = filters.threshold_otsu(saturation)
+        threshold = filters.threshold_otsu(feature)
     except ValueError:  # a constant image
         threshold = 1.0
-    # very dark, unsaturated pixels (pen, out-of-scan black) are not tissue
-    mask = (saturation > max(threshold, params.min_saturation)) & (value > 38)  # V > 0.15
+    mask = feature > max(threshold, params.min_saturation)
+    if not grey:  # very dark, unsaturated pixels (pen, out-of-scan black) are not tissue
+        mask &= value > 38  # V > 0.15
     radius = max(1, round(params.closing_um / um))
     mask = morphology.closing(mask, morphology.disk(radius))
     px_area = um * um

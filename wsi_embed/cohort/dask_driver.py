@@ -15,14 +15,23 @@ scheduler) or ``"slurm"`` (dask-jobqueue's SLURMCluster, see :class:`SlurmSettin
 - Dask worker processes are daemonic and may not fork DataLoader workers: the driver turns
   ``distributed.worker.daemon`` off where it starts the workers (local GPU, SLURM), and a task
   running in a daemonic process reads its slide in-process (``workers=0``).
+- Nothing waits forever: ``--cluster slurm`` without ``sbatch`` (or dask-jobqueue) is refused at
+  once; a scheduler address that does not answer fails after ``connect_timeout`` (20 s,
+  ``WSI_EMBED_CONNECT_TIMEOUT``); a cluster without any worker for ``worker_timeout`` (600 s,
+  ``WSI_EMBED_WORKER_TIMEOUT``; SLURM jobs that stay pending, a scheduler without workers) stops
+  the run with one line (:class:`ClusterUnavailable`).
+- The summary, the manifest and the skip check are the serial driver's: :class:`~.run.Recorder`,
+  :meth:`~.manifest.Manifest.check_writable` first, and :func:`~wsi_embed.resume.plan_resume`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import importlib.util
 import multiprocessing
 import os
+import shutil
 import socket
 import threading
 import time
@@ -35,10 +44,13 @@ from typing import Callable, Iterator, Sequence
 
 from ..errors import InvalidOption, WsiEmbedError
 from ..errors import RunWideError
+from ..ids import id_problem
 from ..jobs import EmbedOptions, SlideJob, SlideResult, model_name
+from ..pipeline import embed_slide
+from ..resume import plan_resume
 from ..store import ensure_writable, store_path
 from .manifest import Manifest
-from .run import CohortSummary, default_manifest
+from .run import CohortSummary, Recorder, default_manifest
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +60,42 @@ DEFAULT_ALLOWED_FAILURES = 1  # a slide may take down one worker (bad luck); the
 # CPython 3.11 now and then (python/cpython#106883, dask/distributed#8616): a worker hung forever
 # reading a slide here. We need no profile, so the workers we start run without one.
 WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+DEFAULT_CONNECT_TIMEOUT = 20.0  # s to reach a scheduler given by address
+DEFAULT_WORKER_TIMEOUT = 600.0  # s a cluster may have no worker at all (SLURM jobs pending) before we stop
+
+
+class ClusterUnavailable(RunWideError, RuntimeError):
+    """The dask cluster cannot be reached, or has had no worker for too long."""
+
+
+def _timeout(value: float | None, env: str, default: float) -> float:
+    """``value``, else the environment variable ``env``, else ``default``: a positive number of seconds."""
+    if value is None:
+        text = os.environ.get(env, "").strip()
+        if not text:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            raise InvalidOption(f"{env}={text!r}: expected a number of seconds") from None
+        where = env
+    else:
+        where = env.lower()
+    if not value > 0:
+        raise InvalidOption(f"{where} must be a positive number of seconds, got {value}")
+    return float(value)
+
+
+def check_cluster(cluster: str) -> None:
+    """Refuse, in one line and at once, a ``--cluster`` that cannot start here."""
+    if cluster == "slurm":
+        if shutil.which("sbatch") is None:
+            raise InvalidOption("--cluster slurm needs SLURM's sbatch on PATH; run on a SLURM login node "
+                                "(e.g. after `module load slurm`), or use --cluster local")
+        if importlib.util.find_spec("dask_jobqueue") is None:
+            raise InvalidOption("--cluster slurm needs dask-jobqueue; install it (pip install dask-jobqueue)")
+    elif cluster != "local" and "://" not in cluster:
+        raise InvalidOption(f"--cluster {cluster!r}: use local, slurm or a scheduler address (tcp://host:8786)")
 
 
 # -- worker side -------------------------------------------------------------------------------
@@ -78,7 +126,8 @@ def embed_task(job: SlideJob, out_dir: str, models: Sequence[str], weights: str,
     if multiprocessing.current_process().daemon and options.workers != 0:
         options = replace(options, workers=0)  # daemonic processes cannot have DataLoader workers
     names = [model_name(m) for m in models]
-    if pending_encoders(Path(out_dir), job.slide_id, names, options.overwrite):
+    # Only to choose between the cached encoders and names (loaded by embed_slide if needed): no --verify here.
+    if plan_resume(Path(out_dir), job, names, weights, overwrite=options.overwrite).todo:
         chosen = _encoders(models, weights, options.device)
     else:
         chosen = models  # nothing to do: embed_slide skips without loading anything
@@ -185,8 +234,14 @@ def _visible_gpus(device: str) -> list[str]:
 
 @contextmanager
 def open_client(cluster: str, options: EmbedOptions, *, slurm: SlurmSettings | None = None,
-                n_workers: int | None = None, log_directory: Path | None = None) -> Iterator[tuple]:
-    """Start (or connect to) the cluster; yields ``(client, plan)`` and shuts down what it started."""
+                n_workers: int | None = None, log_directory: Path | None = None,
+                connect_timeout: float | None = None) -> Iterator[tuple]:
+    """Start (or connect to) the cluster; yields ``(client, plan)`` and shuts down what it started.
+
+    ``connect_timeout`` (s; default ``WSI_EMBED_CONNECT_TIMEOUT`` or 20) bounds reaching a scheduler
+    given by address."""
+    check_cluster(cluster)
+    connect_timeout = _timeout(connect_timeout, "WSI_EMBED_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)
     import dask
     from distributed import Client
 
@@ -231,7 +286,13 @@ def open_client(cluster: str, options: EmbedOptions, *, slurm: SlurmSettings | N
                                 torch_threads=None if settings.gres else settings.cores)
             client = stack.enter_context(Client(made))
         elif "://" in cluster:
-            client = stack.enter_context(Client(cluster))
+            try:
+                client = stack.enter_context(Client(cluster, timeout=connect_timeout))
+            except (OSError, TimeoutError) as exc:  # distributed says "Timed out trying to connect ..."
+                log.debug("connecting to %s: %s", cluster, exc)
+                raise ClusterUnavailable(
+                    f"--cluster {cluster}: no dask scheduler answered within {connect_timeout:g} s; "
+                    "check the address and that the scheduler is running") from None
             plan = _ClusterPlan(f"dask scheduler {cluster}", options)
         else:
             raise InvalidOption(f"--cluster {cluster!r}: use local, slurm or a scheduler address (tcp://host:8786)")
@@ -245,31 +306,34 @@ def run_cohort_dask(jobs: Sequence[SlideJob], out_dir: str | os.PathLike, models
                     manifest: str | os.PathLike | None = None,
                     on_result: Callable[[SlideResult], None] | None = None,
                     retries: int = DEFAULT_RETRIES, allowed_failures: int = DEFAULT_ALLOWED_FAILURES,
-                    task: Callable = embed_task) -> CohortSummary:
+                    task: Callable = embed_task, connect_timeout: float | None = None,
+                    worker_timeout: float | None = None) -> CohortSummary:
     """Embed ``jobs`` on a dask cluster, one task per slide; the manifest is written here.
 
     ``models`` are registry names (each worker loads them once). Run-wide errors (weights,
-    device, output directory) cancel the run and raise, as in the serial driver.
+    device, output directory, a cluster that cannot start) cancel the run and raise, as in the
+    serial driver. ``connect_timeout``: seconds to reach a scheduler address (default
+    ``WSI_EMBED_CONNECT_TIMEOUT`` or 20); ``worker_timeout``: seconds the cluster may have no
+    worker at all before the run stops (default ``WSI_EMBED_WORKER_TIMEOUT`` or 600).
     """
     started = time.perf_counter()
+    check_cluster(cluster)
+    connect_timeout = _timeout(connect_timeout, "WSI_EMBED_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)
+    worker_timeout = _timeout(worker_timeout, "WSI_EMBED_WORKER_TIMEOUT", DEFAULT_WORKER_TIMEOUT)
     out_dir = ensure_writable(Path(out_dir).absolute())
     book = Manifest(manifest or default_manifest(out_dir))
+    book.check_writable()
     summary = CohortSummary(total=len(jobs), manifest=book.path)
+    record = Recorder(book, summary, on_result)
     names = [model_name(m) for m in models]
-
-    def record(result: SlideResult, **extra) -> None:
-        book.append(result, **extra)
-        summary.add(result)
-        if on_result is not None:
-            on_result(result)
 
     todo = []
     for job in jobs:  # complete stores: no task, no cluster if nothing is left
-        if pending_encoders(out_dir, job.slide_id, names, options.overwrite):
+        settled = _settled(job, out_dir, names, weights, options)
+        if settled is None:
             todo.append(job)
         else:
-            record(SlideResult(str(job.path), job.slide_id, "skipped", encoders=names,
-                               store=str(store_path(out_dir, job.slide_id)), note="complete"))
+            record(settled)
     if not todo:
         summary.seconds = time.perf_counter() - started
         return summary
@@ -281,16 +345,20 @@ def run_cohort_dask(jobs: Sequence[SlideJob], out_dir: str | os.PathLike, models
     # Read by the scheduler when it starts (local and SLURM clusters run it in this process).
     with dask.config.set({"distributed.scheduler.allowed-failures": allowed_failures, **WORKER_CONFIG}), \
             open_client(cluster, options, slurm=slurm, n_workers=n_workers,
-                        log_directory=out_dir / "logs") as (client, plan):
+                        log_directory=out_dir / "logs", connect_timeout=connect_timeout) as (client, plan):
         log.info("%s: %d slides to embed", plan.description, len(todo))
         queue = deque(todo)
         running: dict = {}
+
+        watchdog = _NoWorkers(worker_timeout, _no_worker_message(cluster, worker_timeout, out_dir / "logs"))
 
         def refill() -> None:
             # As many slides in flight as the cluster has threads, so a slide that kills its worker
             # finds no other slide queued there (those would count a worker death too). Re-read
             # each time: SLURM workers arrive, and leave, as the run goes.
-            limit = max(1, sum(client.nthreads().values()))
+            threads = sum(client.nthreads().values())
+            watchdog.check(threads)
+            limit = max(1, threads)
             while queue and len(running) < limit:
                 job = queue.popleft()
                 fut = client.submit(task, job, str(out_dir), list(models), weights, plan.options,
@@ -329,3 +397,44 @@ def run_cohort_dask(jobs: Sequence[SlideJob], out_dir: str | os.PathLike, models
 
 def _failed(job: SlideJob, error: str) -> SlideResult:
     return SlideResult(str(job.path), job.slide_id, "failed", error=error)
+
+
+def _settled(job: SlideJob, out_dir: Path, names: Sequence[str], weights: str,
+             options: EmbedOptions) -> SlideResult | None:
+    """The pipeline's own resume check, on the client: a result for a slide that needs no task
+    (complete store: skipped; a store of another file, an id too long for a file name: failed), else None."""
+    problem = id_problem(job.slide_id, job.path)
+    if problem is not None:  # before any path is built from the id (ENAMETOOLONG)
+        return _failed(job, problem)
+    resume = plan_resume(out_dir, job, names, weights, overwrite=options.overwrite, verify=options.verify)
+    if resume.error is not None:
+        return _failed(job, resume.error)
+    if resume.nothing_to_do:
+        return SlideResult(str(job.path), job.slide_id, "skipped", encoders=list(names),
+                           store=str(store_path(out_dir, job.slide_id)), note="complete")
+    return None
+
+
+class _NoWorkers:
+    """Raises :class:`ClusterUnavailable` once the cluster has had no worker for ``timeout`` s."""
+
+    def __init__(self, timeout: float, message: str):
+        self.timeout, self.message, self.since = timeout, message, None
+
+    def check(self, threads: int) -> None:
+        now = time.monotonic()
+        if threads > 0:
+            self.since = None
+        elif self.since is None:
+            self.since = now
+        elif now - self.since > self.timeout:
+            raise ClusterUnavailable(self.message)
+
+
+def _no_worker_message(cluster: str, timeout: float, logs: Path) -> str:
+    if cluster == "slurm":
+        return (f"--cluster slurm: no dask worker joined for {timeout:g} s (jobs still pending? see "
+                f"squeue --me, and the job logs in {logs}); completed slides are kept; set "
+                "WSI_EMBED_WORKER_TIMEOUT=SECONDS to wait longer")
+    return (f"--cluster {cluster}: the cluster had no dask worker for {timeout:g} s; start workers "
+            f"(dask worker {cluster}), or set WSI_EMBED_WORKER_TIMEOUT=SECONDS to wait longer")

@@ -9,7 +9,9 @@ shard and every rerun maps a slide to the same store.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +19,10 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Sequence
 
 from ..errors import InvalidOption, SlideNotFound
+from ..ids import clean_natural_id, has_tmp_mark
 from ..jobs import SlideJob, slide_id_for
+from ..slide import check_slide_mpp
+from ..slide import DicomSeries, dicom_candidate_name, dicom_series, is_dicom_file
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +48,10 @@ def is_slide_file(path: Path) -> bool:
 
 
 def find_slides(directory: Path) -> list[Path]:
-    """Slide files under ``directory``, recursively, sorted. A DICOM series (a folder of .dcm
-    files, one per level) counts once, by its first file: OpenSlide finds the rest."""
+    """Slide files under ``directory``, recursively, sorted. A DICOM series (files of one
+    SeriesInstanceUID, one per level: ``.dcm``, or without extension and found by their DICM
+    magic) counts once, by its main file: OpenSlide finds the rest. A folder holding several
+    series gives one slide per series (ids: see :func:`dicom_slide_id`)."""
     found: list[Path] = []
     seen_dirs: set[tuple[int, int]] = set()  # (st_dev, st_ino): followed symlinks must not loop
     for root, dirs, files in os.walk(directory, followlinks=True):
@@ -57,24 +64,45 @@ def find_slides(directory: Path) -> list[Path]:
         # slide extensions inside), so only the cheap prunes here.
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _SKIP_DIRS
                          and not d.endswith(".zarr"))
-        slides = sorted(Path(root, f) for f in files if is_slide_file(Path(f)))
-        dicom = [p for p in slides if p.suffix.lower() == ".dcm"]
-        found.extend(p for p in slides if p.suffix.lower() != ".dcm")
-        if dicom:
-            found.append(dicom[0])
+        found.extend(sorted(Path(root, f) for f in files
+                            if is_slide_file(Path(f)) and not f.lower().endswith(".dcm")))
+        dicom_names = [f for f in files if dicom_candidate_name(f)]  # .dcm, or no/numeric extension
+        if dicom_names:  # extensionless files cost a 132-byte read (DICM magic), .dcm files none
+            found.extend(sorted(s.main_file for s in dicom_series(Path(root), dicom_names)))
     return found
+
+
+def dicom_slide_id(path: Path) -> str | None:
+    """The natural id of a DICOM slide, or None when ``path`` is not a DICOM file: the name of its
+    folder, plus ``-`` and 8 hex digits of the sha1 of its SeriesInstanceUID when that folder
+    holds several series (the same whichever file of the series is named)."""
+    path = Path(path)
+    if not is_dicom_file(path):
+        return None
+    folder = Path(os.path.abspath(path)).parent
+    name = folder.name or slide_id_for(path)
+    try:
+        series = _folder_series(str(folder), os.stat(folder).st_mtime_ns)
+    except OSError:
+        return name
+    if len(series) < 2:
+        return name
+    for s in series:
+        if any(os.path.samefile(f, path) for f in s.files):
+            return f"{name}-{_short_hash(s.uid or s.files[0].name)}"
+    return name
+
+
+@functools.lru_cache(maxsize=64)
+def _folder_series(folder: str, mtime_ns: int) -> tuple[DicomSeries, ...]:
+    """A folder's DICOM series, cached while the folder is unchanged (ids ask once per slide)."""
+    return tuple(dicom_series(Path(folder)))
 
 
 def _float_or_none(value: str | None, where: str) -> float | None:
     if value is None or not value.strip():
         return None
-    try:
-        mpp = float(value)
-    except ValueError:
-        raise InvalidOption(f"{where}: mpp {value!r} is not a number") from None
-    if not mpp > 0:
-        raise InvalidOption(f"{where}: mpp must be > 0, got {value!r}")
-    return mpp
+    return check_slide_mpp(value, f"{where}: mpp")
 
 
 def read_list(list_file: str | os.PathLike) -> list[SlideEntry]:
@@ -158,14 +186,25 @@ def _short_hash(text: str, n: int = 8) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:n]
 
 
-def assign_ids(entries: Sequence[SlideEntry]) -> list[SlideJob]:
+def assign_ids(entries: Sequence[SlideEntry], out_dir: str | os.PathLike | None = None) -> list[SlideJob]:
     """One :class:`SlideJob` per entry, with unique ids.
 
-    The id is the file name without its extension (DICOM: the series folder's name). Where
-    several slides share a name, each gets ``<name>-<hash>``, the hash being of its path
+    The id is the file name without its extension (DICOM: the series folder's name), with
+    ``.tmp-`` changed to ``_tmp-`` (that mark names the tool's temporaries, see :mod:`wsi_embed.ids`).
+    Where several slides share a name, each gets ``<name>-<hash>``, the hash being of its path
     relative to the common folder of those same-named slides: it does not depend on input order,
     on the other slides of the run, or on where the cohort is mounted. Ids are compared
     case-insensitively (stores must not clash on case-insensitive file systems).
+
+    With ``out_dir``, a slide keeps the id its store already has there: when ``<out>/<name>.zarr``
+    exists and was made from one of the same-named slides (its recorded path, else its
+    fingerprint), that slide keeps the plain ``<name>`` and only the others are hashed. So a cohort
+    that grows (``siteA`` first, ``siteA`` and ``siteB`` later) re-embeds nothing. Every shard sees
+    the same ``out_dir`` at the start (this run only creates hashed stores for shared names), so
+    shards agree.
+
+    Ids too long for a file name are not refused here: they fail their slide alone
+    (:func:`wsi_embed.ids.id_problem`).
     """
     base_ids = [e.slide_id or _natural_id(e.path) for e in entries]
     explicit = [e.slide_id is not None for e in entries]
@@ -173,6 +212,9 @@ def assign_ids(entries: Sequence[SlideEntry]) -> list[SlideJob]:
         if not sid or sid.startswith(".") or any(c in sid for c in '/\\\0'):
             raise InvalidOption(f"slide id {sid!r} for {entry.path} cannot name a store (no '/', '\\', "
                                 "leading '.' or empty ids); fix the slide_id column or rename the file")
+        if has_tmp_mark(sid):  # only explicit ids can get here: natural ones were cleaned
+            raise InvalidOption(f"slide id {sid!r} for {entry.path} contains '.tmp-', which names wsi-embed's "
+                                "temporary files; change it in the slide_id column (e.g. '_tmp-')")
     groups: dict[str, list[int]] = {}
     for i, sid in enumerate(base_ids):
         groups.setdefault(sid.casefold(), []).append(i)
@@ -184,9 +226,14 @@ def assign_ids(entries: Sequence[SlideEntry]) -> list[SlideJob]:
             names = sorted({str(entries[i].path) for i in members})
             raise InvalidOption(f"slide id {base_ids[members[0]]!r} is given to several slides: "
                                 f"{', '.join(names)}; make the slide_id column unique")
+        keeper = _store_owner(entries, base_ids, members, Path(out_dir)) if out_dir is not None else None
+        if keeper is not None:
+            log.info("%s keeps the id %r of its store in %s", entries[keeper].path, base_ids[keeper], out_dir)
         root = _common_root(entries[i].path for i in members)
         for n in (8, 12, 16, 40):
             for i in members:
+                if i == keeper:
+                    continue
                 rel = PurePosixPath(Path(os.path.abspath(entries[i].path)).relative_to(root)).as_posix()
                 ids[i] = f"{base_ids[i]}-{_short_hash(rel, n)}"
             if len({ids[i].casefold() for i in members}) == len(members):
@@ -200,18 +247,74 @@ def assign_ids(entries: Sequence[SlideEntry]) -> list[SlideJob]:
     return [SlideJob(e.path, sid, e.mpp) for e, sid in zip(entries, ids)]
 
 
+def _recorded_slide(store: Path) -> dict | None:
+    """The ``slide`` attrs of an existing store (its root zarr.json, read as JSON: cheap), or None."""
+    try:
+        meta = json.loads((store / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    slide = meta.get("attributes", {}).get("slide") if isinstance(meta, dict) else None
+    return slide if isinstance(slide, dict) else None
+
+
+def _same_file(path: Path, recorded: str) -> bool:
+    candidates = {os.path.abspath(path), os.path.realpath(path)}
+    # A DICOM series may be recorded by its folder (a slide file never is)
+    candidates |= {os.path.dirname(c) for c in tuple(candidates)}
+    return recorded in candidates
+
+
+def _fingerprint(path: Path) -> str | None:
+    from ..slide import fingerprint
+
+    try:
+        return fingerprint(path)
+    except OSError:
+        return None
+
+
+def _store_owner(entries: Sequence[SlideEntry], base_ids: Sequence[str], members: Sequence[int],
+                 out_dir: Path) -> int | None:
+    """Which of the same-named ``members`` an existing ``<out>/<name>.zarr`` was made from, if any.
+
+    Its recorded path decides (no file is read); else its fingerprint (first and last MiB of each
+    candidate; identical copies: the first path in sorted order). A store made from a file that is
+    not in this run names nobody: every member is hashed, as without ``out_dir``.
+    """
+    for name in sorted({base_ids[i] for i in members}):
+        recorded = _recorded_slide(out_dir / f"{name}.zarr")
+        if recorded is None:
+            continue
+        named = [i for i in members if base_ids[i] == name]
+        path = recorded.get("path")
+        if isinstance(path, str) and path:
+            by_path = [i for i in named if _same_file(entries[i].path, path)]
+            if len(by_path) == 1:
+                return by_path[0]
+        fp = recorded.get("fingerprint")
+        if isinstance(fp, str) and fp:
+            by_fp = [i for i in named if _fingerprint(entries[i].path) == fp]
+            if by_fp:
+                return min(by_fp, key=lambda i: str(entries[i].path))
+    return None
+
+
 def _natural_id(path: Path) -> str:
-    if path.suffix.lower() == ".dcm":  # a DICOM series is named by its folder
-        return path.parent.name or slide_id_for(path)
-    return slide_id_for(path)
+    dicom = dicom_slide_id(path)  # a DICOM series is named by its folder (and series, if several)
+    if dicom is not None:
+        return clean_natural_id(dicom)
+    return clean_natural_id(slide_id_for(path))
 
 
 def build_jobs(inputs: Sequence[str | os.PathLike] = (), list_file: str | os.PathLike | None = None,
-               slide_mpp: float | None = None) -> list[SlideJob]:
-    """Slides from files, directories and a list file, with unique stable ids (whole cohort)."""
+               slide_mpp: float | None = None, out_dir: str | os.PathLike | None = None) -> list[SlideJob]:
+    """Slides from files, directories and a list file, with unique stable ids (whole cohort).
+
+    ``out_dir``: the run's output folder, so slides keep the ids their stores have there
+    (see :func:`assign_ids`)."""
     entries = collect(inputs, list_file, slide_mpp)
     if not entries:
         where = ", ".join([str(p) for p in inputs] + ([f"--list {list_file}"] if list_file else []))
         raise SlideNotFound(f"no slides found in {where or 'the inputs'}; "
                             f"looked for: {', '.join(sorted(SLIDE_EXTENSIONS))}")
-    return assign_ids(entries)
+    return assign_ids(entries, out_dir)
