@@ -40,7 +40,7 @@ def test_fast_path_equals_reference_across_slides(block, sample_slide, pyramid_0
     for path, result in zip(slides, results):
         store = open_store(result.store)
         grid = store.attrs["grid"]
-        assert store.root["mask"].chunks[0] == (block or grid["block"])
+        assert store.embeddings().chunks[0] == (block or grid["block"])
         emb, mask, coords = store.embeddings()[...], store.mask, store.coords
         cells = list(zip(*np.nonzero(mask)))
         picks = [cells[i] for i in np.linspace(0, len(cells) - 1, 4).astype(int)]
@@ -65,16 +65,19 @@ def test_tile_aligned_blocks_follow_the_tiles(painted_slide, tmp_path):
     (result,) = embed_slides([SlideJob(painted_slide[0], "p")], tmp_path, [encoder], "random",
                              EmbedOptions(workers=0, max_patches=2))
     store = open_store(result.store)
-    assert store.attrs["grid"]["block"] == 8 and store.root["mask"].chunks == (8, 8)
+    assert store.attrs["grid"]["block"] == 8 and store.embeddings().chunks[:2] == (8, 8)
 
 
 def test_bench_reports_every_figure(sample_slide):
-    proc = run_cli("bench", str(sample_slide), "--model", "timm:test_vit", "--max-patches", "32",
+    proc = run_cli("bench", str(sample_slide), "--model", "timm:test_vit", "--max-patches", "32", "--batch-size", "8",
                    "--naive-patches", "16", "--workers", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("loader_patches_per_s", "model_patches_per_s", "end_to_end_patches_per_s",
-                "loader_wait_fraction", "peak_rss_mb", "naive_loader_patches_per_s"):
+                "loader_wait_fraction", "peak_rss_mb", "naive_loader_patches_per_s", "steady_patches_per_s",
+                "time_to_first_batch_s", "decode_limit_patches_per_s", "loader_over_decode_limit"):
         assert d[key] is not None and d[key] > 0 or key == "loader_wait_fraction", (key, d[key])
     assert 0 <= d["loader_wait_fraction"] <= 1 and d["patches"] == 32
     assert d["machine"]["cores"] >= 1 and d["device"] == "cpu"
+    assert set(d["busy_fraction"]) == {"decode", "main_thread", "device"}
+    assert all(0 <= v <= 1.01 for v in d["busy_fraction"].values()), d["busy_fraction"]

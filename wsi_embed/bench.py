@@ -12,9 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
+from .decode import resolve_decode
 from .infer import EncoderRunner, select_device, select_precision
 from .loader import EndOfSlide, cpu_cores, default_workers, make_loader, region_task, release_handles
 from .grid import plan_regions
@@ -83,7 +83,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _plan(paths: Sequence[Path], opts: EmbedOptions, max_patches: int | None):
+def _plan(paths: Sequence[Path], opts: EmbedOptions, max_patches: int | None, decode=None):
     """Read tasks for the tissue cells of each slide, up to ``max_patches`` in all."""
     tasks, read_px, left = [], None, max_patches
     for key, path in enumerate(paths):
@@ -92,7 +92,7 @@ def _plan(paths: Sequence[Path], opts: EmbedOptions, max_patches: int | None):
             backend = slide.backend
         read_px = read_px or geo.grid.read_px
         for region in plan_regions(geo.grid, geo.mask, geo.block):
-            tasks.append(region_task(key, str(path), backend, geo.grid, region))
+            tasks.append(region_task(key, str(path), backend, geo.grid, region, **({"decode": decode} if decode else {})))
         if left is not None:
             left -= int(geo.mask.sum())
             if left <= 0:
@@ -113,7 +113,7 @@ def _loader_only(tasks, workers: int, device) -> tuple[int, float]:
     for item in make_loader(feed(), workers=workers, pin_memory=device.type == "cuda"):
         if isinstance(item, EndOfSlide):
             continue
-        n += item.patches.to(device, non_blocking=True).shape[0]
+        n += item.to_device(device).shape[0]
     _sync(device)
     release_handles()
     return n, time.perf_counter() - t0
@@ -207,7 +207,7 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with PeakRss() as rss:
-        tasks, read_px = _plan(paths, opts, max_patches)
+        tasks, read_px = _plan(paths, opts, max_patches, resolve_decode(opts.decode, device))
         n_loader, t_loader = _loader_only(tasks, loader_workers, device)
         model_rate = _model_only(runner, read_px or opts.grid.patch_px, opts.batch_size, n_loader, device)
         stats = RunStats()
@@ -245,6 +245,7 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
         "steady_patches_per_s": round(stats.steady_patches_per_s, 2),
         "steady_over_model": round(stats.steady_patches_per_s / model_rate, 3) if model_rate else None,
         "busy_fraction": stats.busy(),
+        "decode": opts.decode,
         "decode_limit_patches_per_s": round(decode_limit, 2) if decode_limit else None,
         "loader_over_decode_limit": (round(loader_rate / (decode_limit * max(1, loader_workers)), 3)
                                      if decode_limit else None),

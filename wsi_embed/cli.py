@@ -118,6 +118,7 @@ def embed(
     workers: Optional[int] = typer.Option(None, help="Loader worker processes (default: one per core up to 16 on GPU; on CPU 0 below 8 cores, else cores // 8)."),
     batch_size: int = typer.Option(64, help="Patches per encoder batch."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    decode: str = typer.Option("auto", help="JPEG tiles: auto (on the GPU with CUDA, else CPU) | cpu | gpu"),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)"),
     dtype: str = typer.Option("float16", help="Stored embedding dtype: float16 | float32"),
     overwrite: bool = typer.Option(False, help="Redo slides whose stores are already complete."),
@@ -166,7 +167,7 @@ def embed(
             grid=GridSpec(mpp=mpp, patch_px=patch_size, stride_px=stride), min_tissue=min_tissue,
             backend=backend, dtype=dtype, workers=workers, batch_size=batch_size, device=device,
             precision=precision, compile=compile, overwrite=overwrite, lock_stale_after=lock_stale_after,
-            max_cells=DEFAULT_MAX_CELLS if max_cells is None else max_cells, verify=verify)
+            max_cells=DEFAULT_MAX_CELLS if max_cells is None else max_cells, verify=verify, decode=decode)
         models_ = [m.strip() for m in model.split(",") if m.strip()]
         if not models_:
             _fail(f"--model {model!r} names no model; see `wsi-embed models`")
@@ -242,6 +243,7 @@ def bench(
     max_patches: int = typer.Option(512, help="Patches per phase (0: all)."),
     naive_patches: int = typer.Option(128, help="Patches for the naive per-patch baseline (0: skip)."),
     compile: bool = typer.Option(False, "--compile"),
+    decode: str = typer.Option("auto", help="JPEG tiles: auto | cpu | gpu (as for embed)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Loader-only, model-only and end-to-end patches/s, loader wait, peak RSS and GPU memory."""
@@ -254,7 +256,8 @@ def bench(
         if not target.exists():
             _fail(f"{target}: no such file or directory; check the path")
         opts = EmbedOptions(grid=GridSpec(mpp=mpp, patch_px=patch_size), workers=workers,
-                            batch_size=batch_size, device=device, precision=precision, compile=compile)
+                            batch_size=batch_size, device=device, precision=precision, compile=compile,
+                            decode=decode)
         result = run_bench(target, model=model, weights=weights, options=opts,
                            max_patches=max_patches or None, naive_patches=naive_patches)
     except WsiEmbedError as exc:

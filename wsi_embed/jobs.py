@@ -16,6 +16,7 @@ from .slide import BACKENDS
 from .tissue import TissueParams
 
 EMBEDDING_DTYPES = ("float16", "float32")
+DECODE_MODES = ("auto", "cpu", "gpu")
 DEFAULT_MAX_CELLS = 2_000_000  # more than a whole 40x resection at 0.5 µm/px and 224 px
 
 Status = Literal["done", "skipped", "failed"]
@@ -32,6 +33,7 @@ class EmbedOptions:
     max_patches: int | None = None  # embed only the first N tissue cells (benchmarks)
     max_cells: int = DEFAULT_MAX_CELLS  # refuse slides whose grid claims more cells than this
     workers: int | None = None  # None: see loader.default_workers
+    decode: str = "auto"  # JPEG tiles: auto (the GPU's decoder on CUDA), cpu, gpu
     batch_size: int = 64
     device: str = "auto"
     precision: str = "auto"
@@ -54,6 +56,8 @@ class EmbedOptions:
             raise InvalidOption(f"unknown --backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         if not self.lock_stale_after > 0:
             raise InvalidOption(f"--lock-stale-after must be a positive number of seconds, got {self.lock_stale_after}")
+        if self.decode not in DECODE_MODES:
+            raise InvalidOption(f"unknown --decode {self.decode!r}; use one of {', '.join(DECODE_MODES)}")
         if self.max_cells < 1:
             raise InvalidOption(f"--max-cells must be at least 1, got {self.max_cells}")
 

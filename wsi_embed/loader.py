@@ -3,6 +3,10 @@
 The loader is fed :class:`ReadTask` objects by a sampler, so one DataLoader (and its workers, each
 with its own cached slide handles) streams many slides back to back: the next slide is read while
 this one computes.
+
+A task's :class:`~wsi_embed.decode.DecodePlan` says where JPEG tiles are decoded: in the worker
+(uint8 patches come back) or on the device (the worker sends the region's tile streams; the main
+process decodes them there). :meth:`RegionBatch.to_device` gives patches on the device either way.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .decode import CPU_PLAN, CpuFallback, DecodePlan, RawTiles, collect_raw, decode_to_device
 from .errors import WsiEmbedError
 from .grid import Grid, Region
 from .slide import Slide, open_slide
@@ -44,6 +49,7 @@ class ReadTask:
     read_px: int
     region: int  # region index within the slide
     level_xy: tuple[int, int] = (0, 0)  # level-pixel top-left of the block (native tile reads)
+    decode: DecodePlan = CPU_PLAN  # where JPEG tiles are decoded (wsi_embed.decode.resolve_decode)
 
 
 @dataclass(frozen=True)
@@ -53,19 +59,50 @@ class EndOfSlide:
 
 @dataclass
 class RegionBatch:
+    """One region's cells: decoded ``patches`` (CPU path) or its JPEG tile streams (``raw``, decoded
+    by :meth:`to_device`). ``error`` set: the read failed and there is neither."""
+
     slide_key: int
     region: int
     patches: torch.Tensor | None  # (n, read_px, read_px, 3) uint8
     error: str | None = None
     read_s: float = 0.0  # time the loader took to read, decode and cut these patches
+    raw: RawTiles | None = None  # device decoding: the tile streams and the cells' geometry
+    decoder: str = ""  # what decoded these patches (for a raw region: known after to_device)
+    fallback: str | None = None  # why these patches were not decoded on the device as asked
+    decode_s: float = 0.0  # main-process time decoding and cutting a raw region (in to_device)
+
+    @property
+    def count(self) -> int:
+        """Patches in this region."""
+        if self.patches is not None:
+            return int(self.patches.shape[0])
+        return len(self.raw) if self.raw is not None else 0
 
     def pin_memory(self) -> "RegionBatch":  # called by DataLoader's pin thread
         if self.patches is not None:
             self.patches = self.patches.pin_memory()
         return self
 
+    def to_device(self, device: torch.device | str) -> torch.Tensor:
+        """(n, read_px, read_px, 3) uint8 patches on ``device``, whichever path made them: decoded
+        patches are copied (from pinned memory on CUDA, without blocking); tile streams are decoded
+        there in one batch and the cells cut on the device. Sets ``decoder`` and, on a fallback,
+        ``fallback``. Raises :class:`~wsi_embed.errors.WsiEmbedError` for a tile no decoder reads."""
+        if self.raw is not None:
+            done = decode_to_device(self.raw, device)
+            self.raw = None  # the streams are spent
+            self.patches = done.patches  # count works after, and a second call is a no-op
+            self.decoder, self.decode_s = done.decoder, done.seconds
+            self.fallback = self.fallback or done.fallback
+            return done.patches
+        if self.patches is None:
+            raise ValueError(f"region {self.region} has no patches: {self.error}")
+        return self.patches.to(device, non_blocking=True)
 
-def region_task(slide_key: int, path: str, backend: str, grid: Grid, region: Region) -> ReadTask:
+
+def region_task(slide_key: int, path: str, backend: str, grid: Grid, region: Region,
+                decode: DecodePlan = CPU_PLAN) -> ReadTask:
     """Geometry of one region read; offsets are whole level pixels (see grid module)."""
     xs = grid.level_x(np.arange(region.c0, region.c1))
     ys = grid.level_y(np.arange(region.r0, region.r1))
@@ -74,7 +111,7 @@ def region_task(slide_key: int, path: str, backend: str, grid: Grid, region: Reg
     offsets = tuple((int(xs[c - region.c0]) - lx0, int(ys[r - region.r0]) - ly0) for r, c in region.cells)
     ds = grid.level_downsample
     return ReadTask(slide_key, path, backend, grid.level, (round(lx0 * ds), round(ly0 * ds)),
-                    (width, height), offsets, grid.read_px, region.index, (lx0, ly0))
+                    (width, height), offsets, grid.read_px, region.index, (lx0, ly0), decode)
 
 
 def _patch_tensor(n: int, size: int) -> torch.Tensor:
@@ -165,12 +202,27 @@ class RegionDataset(Dataset):
         started = time.perf_counter()
         try:
             slide, tiles = _HANDLES_BY_THREAD.cache.get(task.path, task.backend)
-            if tiles is not None and tiles.supports(task.level):
+            native = tiles is not None and tiles.supports(task.level)
+            fallback = None
+            if task.decode.on_device:
+                if native:
+                    try:
+                        raw = collect_raw(tiles, task, task.decode)
+                        return RegionBatch(task.slide_key, task.region, None, read_s=time.perf_counter() - started,
+                                           raw=raw, decoder=task.decode.decoder)
+                    except CpuFallback as exc:
+                        fallback = str(exc)
+                else:
+                    fallback = "not a tiled TIFF level this loader reads natively"
+            if native:
                 patches = read_cells_native(tiles, task)
+                decoder = tiles.levels[task.level].decoder
             else:
                 block = slide.read_region(task.location, task.level, task.size)
                 patches = cut_patches(block, task.offsets, task.read_px)
-            return RegionBatch(task.slide_key, task.region, patches, read_s=time.perf_counter() - started)
+                decoder = f"read_region ({slide.backend})"
+            return RegionBatch(task.slide_key, task.region, patches, read_s=time.perf_counter() - started,
+                               decoder=decoder, fallback=fallback)
         except WsiEmbedError as exc:
             return RegionBatch(task.slide_key, task.region, None, str(exc))
         except Exception as exc:  # the slide's own failure, reported per slide, not a crash

@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -18,10 +18,12 @@ import numpy as np
 import torch
 import zarr
 
-from .errors import (InvalidOption, LockLost, OutputNotWritable, RunWideError, SlideChanged, SlideOutOfLimits,
-                     StoreConflict, StoreWriteError, WsiEmbedError)
+from .errors import (InvalidOption, OutputNotWritable, RunWideError, SlideOutOfLimits, StoreConflict,
+                     StoreWriteError, WsiEmbedError)
 from .grid import Grid, choose_block, plan_grid, plan_regions
-from .infer import DeviceClock, EncoderRunner, select_device, select_precision
+from .decode import DecodePlan, DecoderTally, resolve_decode
+from .executor import Executor, RegionBuffer, RunStats, SlideRun, release
+from .infer import EncoderRunner, select_device, select_precision
 from .loader import EndOfSlide, default_workers, make_loader, region_task, release_handles
 from .jobs import EmbedOptions, SlideJob, SlideResult, model_name, slide_id_for
 from .resume import Resume, plan_resume
@@ -36,69 +38,10 @@ from .tissue import cell_tissue_fraction, detect_tissue, read_thumbnail, tissue_
 log = logging.getLogger(__name__)
 
 
-# -- per-slide state ---------------------------------------------------------------------------
-@dataclass
-class _SlideRun:
-    job: SlideJob
-    started: float
-    result: SlideResult
-    writer: StoreWriter | None = None
-    grid: Grid | None = None
-    groups: dict = field(default_factory=dict)  # encoder name -> EncoderGroupWriter
-    regions: dict = field(default_factory=dict)  # region index -> _RegionBuffer
-    qc_image: object | None = None
-    failed: bool = False
-    block: int = 8
-    lock: object | None = None  # SlideLock held while this slide is being embedded
-    cells_done: int = 0
-    fingerprint: str | None = None  # of the slide file when it was prepared; checked again at commit
-
-
-@dataclass
-class RunStats:
-    """Where the time went in one ``embed_slides`` call (filled in place; for benchmarks)."""
-
-    patches: int = 0
-    wait_s: float = 0.0  # the model side waiting for the loader
-    total_s: float = 0.0
-    read_s: float = 0.0  # loader time reading, decoding and cutting patches (summed over processes)
-    device_s: float = 0.0  # the encoders busy (CUDA events on a GPU)
-    first_batch_s: float | None = None  # from the start to the first batch's embeddings
-    first_batch_patches: int = 0  # patches counted by then
-    workers: int = 0
-
-    @property
-    def loader_wait_fraction(self) -> float:
-        return self.wait_s / self.total_s if self.total_s else 0.0
-
-    @property
-    def steady_patches_per_s(self) -> float:
-        """The rate after the first batch: slide preparation, writes and slide boundaries included."""
-        if self.first_batch_s is None or self.total_s <= self.first_batch_s:
-            return 0.0
-        return (self.patches - self.first_batch_patches) / (self.total_s - self.first_batch_s)
-
-    def busy(self) -> dict:
-        """Fractions of the run's wall time each stage was busy."""
-        wall = self.total_s or float("inf")
-        return {"decode": round(self.read_s / (max(1, self.workers) * wall), 3),
-                "main_thread": round(1 - self.wait_s / wall, 3),
-                "device": round(self.device_s / wall, 3)}
-
-
-@dataclass
-class _RegionBuffer:
-    r0: int
-    c0: int
-    cells: np.ndarray  # (n, 2) row, col of the cells to embed, in read order
-    blocks: dict  # encoder -> (h, w, dim) float32 NaN-filled
-    remaining: int
-
-
 def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: EmbedOptions, precision: str,
-             resume: Resume, cancel: threading.Event):
+             resume: Resume, cancel: threading.Event, decode: DecodePlan):
     """Open, measure, find tissue, plan the grid and open the store. Returns (run, tasks)."""
-    run = _SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed",
+    run = SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed",
                                                           note=resume.note))
     final = store_path(out_dir, job.slide_id)
     remove_stale_temporaries(out_dir, job.slide_id)
@@ -140,10 +83,11 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
     for region in regions:
         blocks = {n: None for n in run.groups}
         cells = np.asarray(region.cells, dtype=np.int64).reshape(-1, 2)
-        run.regions[region.index] = _RegionBuffer(region.r0, region.c0, cells, blocks, len(cells))
+        run.regions[region.index] = RegionBuffer(region.r0, region.c0, cells, blocks, len(cells))
     run.result.cells = int(mask.sum())
     run.result.encoders = list(run.groups)
-    tasks = [region_task(key, str(job.path), backend, grid, r) for r in regions]
+    run.decoders = DecoderTally(job.slide_id)
+    tasks = [region_task(key, str(job.path), backend, grid, r, decode=decode) for r in regions]
     return run, tasks
 
 
@@ -202,7 +146,7 @@ def analyse_slide(slide, mpp, opts: EmbedOptions, cancel: threading.Event | None
     return SlideGeometry(info, grid, thumb, tissue_mask, fraction, mask, block)
 
 
-def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run: _SlideRun, encoders: list,
+def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run: SlideRun, encoders: list,
                   cancel: threading.Event):
     geo = analyse_slide(slide, mpp, opts, cancel)
     run.fingerprint = geo.info.fingerprint
@@ -299,8 +243,9 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
     opts = options
     device = select_device(opts.device)
     precision = select_precision(opts.precision, device)
+    decode_plan = resolve_decode(opts.decode, device)
     models_ = _Models(models, weights, device, precision, opts.compile)
-    runs: dict[int, _SlideRun] = {}
+    runs: dict[int, SlideRun] = {}
     cancel = threading.Event()  # set when the run unwinds: a slide being prepared stops soon after
     held: list = []  # every lock taken, so an interrupt at any point releases it (release is idempotent)
 
@@ -334,7 +279,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                     raise Cancelled
                 _preflight(job, opts)  # a bad slide fails fast, before any model is loaded
                 encoders = models_.load()  # errors here concern every slide: they raise
-                run, tasks = _prepare(job, key, out_dir, encoders, opts, precision, resume, cancel)
+                run, tasks = _prepare(job, key, out_dir, encoders, opts, precision, resume, cancel, decode_plan)
             except RunWideError:
                 if lock is not None:
                     lock.release()
@@ -384,10 +329,10 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
     task_feed = feed()
     # workers yield the CPU to this process: on CPU it runs the encoder, on CUDA it keeps the GPU fed
     loader = make_loader(task_feed, workers=workers, pin_memory=device.type == "cuda", yield_cpu=True)
-    pending: list[tuple[torch.Tensor, list]] = []  # (patches on device, [(region, cell index)])
     stats = stats if stats is not None else RunStats()
     stats.workers = workers
-    clock = DeviceClock(device)
+    executor = Executor(lambda: models_.runners, device, opts, stats, progress)
+    begun: set[int] = set()
     started = time.perf_counter()
     items = None
     try:
@@ -399,52 +344,55 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
             if item is None:
                 break
             run = runs[item.slide_key]
+            if item.slide_key not in begun:
+                begun.add(item.slide_key)
+                executor.begin(run)
             for r in list(runs.values()):  # rate-limited inside: keeps our locks fresh for other hosts
                 if r.lock is not None:
                     r.lock.heartbeat()
             if isinstance(item, EndOfSlide):
-                result = _finish(run, pending, models_.runners, opts, clock)
-                if progress is not None and result.status == "done":
-                    progress(run.job.slide_id, result.cells, result.cells)
-                yield result
-                runs.pop(item.slide_key, None)
-                continue
-            if run.failed:
-                continue
-            if item.error:
-                _fail(run, item.error, pending)
-                continue
-            stats.patches += item.patches.shape[0]
-            stats.read_s += item.read_s
-            try:
-                patches = item.patches.to(device, non_blocking=True)
-                pending.append((patches, np.full(patches.shape[0], item.region, dtype=np.int64)))
-                if sum(p.shape[0] for p, _ in pending) >= opts.batch_size:
-                    _run_batches(run, pending, models_.runners, opts, clock, flush=False)
-                    if stats.first_batch_s is None:
-                        stats.first_batch_s = time.perf_counter() - started
-                        stats.first_batch_patches = stats.patches
-            except torch.cuda.OutOfMemoryError as exc:
-                raise InvalidOption(f"the GPU ran out of memory at --batch-size {opts.batch_size}; "
-                                    "lower --batch-size") from exc
-            except OSError as exc:  # e.g. the disk filled while writing embeddings: this slide fails
-                _fail(run, f"{run.job.slide_id}: cannot write its store ({exc}); check free space and rerun",
-                      pending)
-                continue
-            if progress is not None:
-                progress(run.job.slide_id, run.cells_done, run.result.cells)
+                done = executor.end_slide(run)
+            elif item.error:
+                done = executor.fail(run, item.error)
+            elif run.failed:
+                done = executor.add(run, item.region, None)
+            else:
+                t1 = time.perf_counter()
+                try:
+                    patches = item.to_device(device)  # pinned copy, or the tiles decoded there
+                except torch.cuda.OutOfMemoryError as exc:
+                    raise InvalidOption(f"the GPU ran out of memory at --batch-size {opts.batch_size}; "
+                                        "lower --batch-size") from exc
+                except WsiEmbedError as exc:
+                    done = executor.fail(run, str(exc))
+                else:
+                    stats.decode_s += time.perf_counter() - t1 if item.raw is not None else 0.0
+                    stats.patches += item.count
+                    stats.read_s += item.read_s
+                    run.decoders.add(item.decoder, item.count, item.fallback)
+                    done = executor.add(run, item.region, patches)
+            yield from _finished(done, runs)
+        yield from _finished(executor.close(), runs)
     finally:
         stats.total_s = time.perf_counter() - started
-        stats.device_s = clock.seconds()
+        stats.device_s = executor.clock.seconds()
         del items  # stops the workers
         task_feed.close()  # waits for a slide being prepared, so its run is cleaned up too
+        executor.shutdown()
         for run in list(runs.values()):
             if run.writer is not None and run.result.status != "done":
                 run.writer.abort()
-            _release(run)
+            release(run)
         for lock in held:
             lock.release()
         release_handles()
+
+
+def _finished(results: list[SlideResult], runs: dict) -> Iterator[SlideResult]:
+    for result in results:
+        key = next(k for k, r in runs.items() if r.result is result)
+        runs.pop(key)
+        yield result
 
 
 class Cancelled(BaseException):
@@ -488,115 +436,16 @@ def _tidy_complete(out_dir: Path, job: SlideJob, opts: EmbedOptions, lock) -> No
             lock.release()
 
 
-def _failed_run(job: SlideJob, error: str) -> _SlideRun:
-    run = _SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed", error=error))
+def _failed_run(job: SlideJob, error: str) -> SlideRun:
+    run = SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed", error=error))
     run.failed = True
     return run
 
 
-def _skipped(job: SlideJob, names: Sequence[str], out_dir: Path, note: str = "complete") -> _SlideRun:
+def _skipped(job: SlideJob, names: Sequence[str], out_dir: Path, note: str = "complete") -> SlideRun:
     store = str(store_path(out_dir, job.slide_id)) if note == "complete" else None
-    return _SlideRun(job, time.perf_counter(), SlideResult(
+    return SlideRun(job, time.perf_counter(), SlideResult(
         str(job.path), job.slide_id, "skipped", encoders=list(names), store=store, note=note))
-
-
-def _release(run: _SlideRun) -> None:
-    if run.lock is not None:
-        run.lock.release()
-        run.lock = None
-
-
-def _fail(run: _SlideRun, error: str, pending: list) -> None:
-    run.failed = True
-    run.result.status, run.result.error = "failed", error
-    pending.clear()
-    if run.writer is not None:
-        run.writer.abort()
-    _release(run)  # after abort: the next owner must not see our temporaries
-
-
-def _run_batches(run: _SlideRun, pending: list, runners, opts: EmbedOptions, clock: DeviceClock, *,
-                 flush: bool) -> None:
-    """Run full batches from ``pending``; with ``flush`` also the remainder. Batches never span
-    slides: the loop flushes at each end of slide. ``pending`` holds (patches, region of each)."""
-    if not pending:
-        return
-    x = torch.cat([p for p, _ in pending]) if len(pending) > 1 else pending[0][0]
-    regions = np.concatenate([r for _, r in pending])
-    n = x.shape[0]
-    stop = n if flush else n - n % opts.batch_size
-    for start in range(0, stop, opts.batch_size):
-        end = min(start + opts.batch_size, stop)
-        with clock:
-            outs = {r.encoder.config.name: r(x[start:end]).cpu().numpy() for r in runners
-                    if r.encoder.config.name in run.groups}
-        _scatter(run, regions[start:end], outs, opts)
-    run.cells_done += stop
-    pending.clear()
-    if stop < n:
-        pending.append((x[stop:], regions[stop:]))
-
-
-def _scatter(run: _SlideRun, regions: np.ndarray, outs: dict, opts: EmbedOptions) -> None:
-    """Put a batch's rows into their regions' blocks (array indexing, no loop per patch); write each
-    block once its region is complete. Rows of one region arrive in read order."""
-    bounds = np.flatnonzero(np.diff(regions)) + 1
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(regions)]):
-        buf = run.regions[int(regions[lo])]
-        done = len(buf.cells) - buf.remaining
-        cells = buf.cells[done : done + hi - lo]
-        for name, out in outs.items():
-            block = buf.blocks.get(name)
-            if block is None:
-                h = min(run.block, run.grid.rows - buf.r0)
-                w = min(run.block, run.grid.cols - buf.c0)
-                block = buf.blocks[name] = np.full((h, w, out.shape[1]), np.nan, dtype=np.float32)
-            block[cells[:, 0] - buf.r0, cells[:, 1] - buf.c0] = out[lo:hi]
-        buf.remaining -= hi - lo
-        if buf.remaining == 0:
-            for name, block in buf.blocks.items():
-                run.groups[name].write_block(buf.r0, buf.c0, block.astype(opts.dtype))
-            del run.regions[int(regions[lo])]
-
-
-def _finish(run: _SlideRun, pending: list, runners, opts: EmbedOptions, clock: DeviceClock) -> SlideResult:
-    result = run.result
-    if run.failed or result.status == "skipped":
-        _release(run)
-        result.seconds = time.perf_counter() - run.started
-        return result
-    try:
-        _run_batches(run, pending, runners, opts, clock, flush=True)
-        if run.regions:
-            raise RuntimeError(f"{len(run.regions)} regions were not completed")
-        if fingerprint(run.job.path) != run.fingerprint:
-            raise SlideChanged(f"{run.job.path}: the file changed while it was being embedded; nothing was kept. "
-                               "Rerun once the copy or export has finished")
-        if run.lock is not None and not run.lock.held():  # judged dead and taken over: do not commit
-            raise LockLost(f"{run.job.path}: another process took over {run.lock.path}; "
-                           "this run's copy is discarded (raise --lock-stale-after if hosts are slow)")
-        with _writing(run.job, run.writer.final.parent):
-            for group in run.groups.values():
-                run.writer.mark_complete(group, cells=result.cells)
-            result.store = str(run.writer.commit())
-        result.status = "done"
-        if opts.qc:  # after the commit: no picture without its store
-            # a group added to an existing store: its caption (encoders, random weights) is redrawn
-            image = run.qc_image if run.qc_image is not None else render_store_qc(run.writer.final)
-            result.qc = str(write_png_atomic(image, qc_path_for(run.writer.final.parent, run.job.slide_id)))
-    except WsiEmbedError as exc:
-        _fail(run, str(exc), pending)
-    except OSError as exc:  # e.g. a full disk while committing: this slide fails, the cohort goes on
-        if result.status == "done":
-            log.warning("%s: store complete, but the QC picture could not be written (%s)", run.job.slide_id, exc)
-        else:
-            _fail(run, f"{run.job.slide_id}: cannot finish the store ({exc}); check free space and rerun", pending)
-    except RuntimeError as exc:  # an internal inconsistency: this slide fails loudly, the cohort goes on
-        log.exception("internal error finishing %s", run.job.path)
-        _fail(run, f"{run.job.path}: internal error ({exc}); please report it", pending)
-    _release(run)  # only after the store is renamed into place (or cleaned up)
-    result.seconds = time.perf_counter() - run.started
-    return result
 
 
 def embed_slide(path: str | Path, out_dir: str | Path, models: Sequence = ("lunit-bt-rn50",),

@@ -14,6 +14,9 @@ Two traps of JPEG tiles:
   and tifffile do: an Adobe APP14 marker with transform 0 tells libjpeg the samples are RGB.
 
 Only levels of plain 8-bit RGB/YCbCr pixels qualify; anything else keeps ``read_region``.
+
+:meth:`TileSource.jpeg_stream` gives a JPEG tile as a complete stream (tables and marker spliced in)
+for decoders other than libjpeg-turbo here: ``wsi_embed.decode`` sends them to the device.
 """
 
 from __future__ import annotations
@@ -48,6 +51,32 @@ class TiledLevel:
     counts: np.ndarray  # same shape, byte counts
     compression: int
     decode: Callable[[bytes, int], np.ndarray]  # (raw bytes, tile index) -> (tile_h, tile_w, 3) uint8
+    jpeg_prefix: bytes | None = None  # JPEG levels: what goes before each tile's own stream (SOI included)
+
+    @property
+    def decoder(self) -> str:
+        """The CPU decoder of this level's tiles, as recorded with the embeddings."""
+        if self.compression == JPEG:
+            return CPU_JPEG_DECODER
+        return f"imagecodecs {codec_name(self.compression)} (tifffile, cpu)"
+
+    def jpeg_stream(self, data: bytes) -> bytes:
+        """A tile's bytes as a complete JPEG stream (JPEG levels only)."""
+        if self.jpeg_prefix is None:
+            raise ValueError(f"tiles compressed with {codec_name(self.compression)} are not JPEG")
+        return self.jpeg_prefix + (data[2:] if data.startswith(_SOI) else data)
+
+
+CPU_JPEG_DECODER = "libjpeg-turbo (simplejpeg, cpu)"
+
+
+def codec_name(compression: int) -> str:
+    try:
+        import tifffile
+
+        return tifffile.COMPRESSION(compression).name.lower()
+    except (ImportError, ValueError):
+        return f"compression {compression}"
 
 
 def _jpeg_prefix(tables: bytes | None, photometric: int) -> bytes:
@@ -60,13 +89,17 @@ def _jpeg_prefix(tables: bytes | None, photometric: int) -> bytes:
 
 
 def _jpeg_decoder(prefix: bytes, tile_h: int, tile_w: int):
-    import simplejpeg
-
     def decode(data: bytes, index: int) -> np.ndarray:
-        stream = prefix + (data[2:] if data.startswith(_SOI) else data)
-        return _fit(simplejpeg.decode_jpeg(stream, colorspace="RGB"), tile_h, tile_w)
+        return _fit(decode_jpeg_cpu(prefix + (data[2:] if data.startswith(_SOI) else data)), tile_h, tile_w)
 
     return decode
+
+
+def decode_jpeg_cpu(stream: bytes) -> np.ndarray:
+    """A complete JPEG stream as (h, w, 3) RGB by libjpeg-turbo: the reference every decoder is held to."""
+    import simplejpeg
+
+    return simplejpeg.decode_jpeg(stream, colorspace="RGB")
 
 
 def _tifffile_decoder(page, tile_h: int, tile_w: int):
@@ -103,17 +136,18 @@ def _level_of(page) -> TiledLevel | None:
     counts = np.asarray(page.databytecounts, dtype=np.int64)
     if offsets.size != across * down:
         return None
+    prefix = None
     if page.compression == JPEG:
         tables = page.jpegtables
         # YCbCr JPEG is decoded as the stream says; RGB-coded JPEG needs the Adobe marker
-        decode = _jpeg_decoder(_jpeg_prefix(bytes(tables) if tables is not None else None, page.photometric),
-                               th, tw)
+        prefix = _jpeg_prefix(bytes(tables) if tables is not None else None, page.photometric)
+        decode = _jpeg_decoder(prefix, th, tw)
     elif page.photometric == PHOTOMETRIC_YCBCR or page.compression in _YCBCR_LABELLED_RGB:
         return None  # YCbCr in other codecs: leave it to the slide reader, which converts it
     else:
         decode = _tifffile_decoder(page, th, tw)
     return TiledLevel(int(page.imagewidth), int(page.imagelength), tw, th, offsets.reshape(down, across),
-                      counts.reshape(down, across), int(page.compression), decode)
+                      counts.reshape(down, across), int(page.compression), decode, prefix)
 
 
 class TileSource:
@@ -153,17 +187,30 @@ class TileSource:
             os.close(self._fd)
             self._fd = -1
 
+    def raw_tile(self, level: int, ty: int, tx: int) -> bytes | None:
+        """The stored bytes of tile (ty, tx), or None for a tile that was never written (background)."""
+        return self._raw(self.levels[level], ty, tx)
+
+    def _raw(self, lv: TiledLevel, ty: int, tx: int) -> bytes | None:
+        offset, count = int(lv.offsets[ty, tx]), int(lv.counts[ty, tx])
+        if offset <= 0 or count <= 0:
+            return None
+        data = os.pread(self._fd, count, offset)
+        if len(data) != count:
+            raise OSError(f"tile ({tx}, {ty}) is cut short: {len(data)} of {count} bytes")
+        return data
+
+    def jpeg_stream(self, level: int, ty: int, tx: int) -> bytes | None:
+        """Tile (ty, tx) of a JPEG level as a complete stream: JPEGTables spliced in and, for
+        RGB-coded tiles, the Adobe transform-0 marker; None for a missing tile."""
+        data = self.raw_tile(level, ty, tx)
+        return None if data is None else self.levels[level].jpeg_stream(data)
+
     def _tile(self, lv: TiledLevel, ty: int, tx: int, cache: dict) -> np.ndarray | None:
         key = (id(lv), ty, tx)
         if key not in cache:
-            offset, count = int(lv.offsets[ty, tx]), int(lv.counts[ty, tx])
-            if offset <= 0 or count <= 0:
-                cache[key] = None  # a tile that was never written: background
-            else:
-                data = os.pread(self._fd, count, offset)
-                if len(data) != count:
-                    raise OSError(f"tile ({tx}, {ty}) is cut short: {len(data)} of {count} bytes")
-                cache[key] = lv.decode(data, ty * lv.offsets.shape[1] + tx)
+            data = self._raw(lv, ty, tx)
+            cache[key] = None if data is None else lv.decode(data, ty * lv.offsets.shape[1] + tx)
         return cache[key]
 
     def read_into(self, level: int, x: int, y: int, out: np.ndarray, cache: dict | None = None) -> np.ndarray:
