@@ -37,6 +37,8 @@ from .tissue import cell_tissue_fraction, detect_tissue, read_thumbnail, tissue_
 
 log = logging.getLogger(__name__)
 
+PREPARE_AHEAD = 2  # slides prepared ahead of the one being embedded: small biopsies never wait
+
 
 def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: EmbedOptions, precision: str,
              resume: Resume, cancel: threading.Event, decode: DecodePlan):
@@ -209,8 +211,18 @@ class _Models:
         self._device, self._precision, self._compile = device, precision, compile
         self.encoders: list = []
         self.runners: list[EncoderRunner] = []
+        self._error: RunWideError | None = None
 
     def load(self) -> list:
+        if self._error is not None:  # a run-wide failure is met once, not once per prepared slide
+            raise self._error
+        try:
+            return self._load()
+        except RunWideError as exc:
+            self._error = exc
+            raise
+
+    def _load(self) -> list:
         if not self.encoders:
             from .encoders import Encoder, load_encoder
 
@@ -297,7 +309,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
         return tasks
 
     def feed():
-        # Slide k+1 is opened, tissue-detected and planned in a thread while slide k computes.
+        # Slides k+1 and k+2 are opened, tissue-detected and planned in a thread while slide k computes.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-embed-prep") as pool:
             queued: deque = deque()
             numbered = enumerate(jobs)
@@ -307,7 +319,8 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 if nxt is not None:
                     queued.append((nxt[0], pool.submit(start, *nxt)))
 
-            submit()
+            for _ in range(PREPARE_AHEAD):
+                submit()
             while queued:
                 key, future = queued.popleft()
                 try:
@@ -317,7 +330,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                     for _, other in queued:
                         other.cancel()
                     raise
-                submit()  # after, not before: a run-wide error (weights, device) is met only once
+                submit()
                 try:
                     yield from tasks
                     yield EndOfSlide(key)
