@@ -19,7 +19,9 @@ from .infer import EncoderRunner, select_device, select_precision
 from .loader import EndOfSlide, cpu_cores, default_workers, make_loader, region_task, release_handles
 from .grid import plan_regions
 from .jobs import EmbedOptions
-from .pipeline import RunStats, analyse_slide, embed_slides
+from .executor import RunStats
+from .pipeline import embed_slides
+from .plan import plan_slide
 from .slide import open_slide, resolve_mpp
 
 
@@ -88,7 +90,7 @@ def _plan(paths: Sequence[Path], opts: EmbedOptions, max_patches: int | None, de
     tasks, read_px, left = [], None, max_patches
     for key, path in enumerate(paths):
         with open_slide(path, backend=opts.backend) as slide:
-            geo = analyse_slide(slide, resolve_mpp(slide), replace(opts, max_patches=left))
+            geo = plan_slide(slide, resolve_mpp(slide), replace(opts, max_patches=left), Path(path).stem)
             backend = slide.backend
         read_px = read_px or geo.grid.read_px
         for region in plan_regions(geo.grid, geo.mask, geo.block):

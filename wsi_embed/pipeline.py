@@ -1,5 +1,8 @@
 """``embed_slide``: one slide in, one verified store out. Every driver (CLI, cohort, dask) calls it,
-or ``embed_slides`` which streams several slides through one loader and one set of encoders."""
+or ``embed_slides`` which streams several slides through one loader and one set of encoders.
+
+This module decides what each slide needs (resume, locks), prepares it ahead in a thread (its
+:mod:`~wsi_embed.plan` and store) and hands loader items to the :mod:`~wsi_embed.executor`."""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -18,22 +20,21 @@ import numpy as np
 import torch
 import zarr
 
-from .errors import (InvalidOption, OutputNotWritable, RunWideError, SlideOutOfLimits, StoreConflict,
-                     StoreWriteError, WsiEmbedError)
-from .grid import Grid, choose_block, plan_grid, plan_regions
 from .decode import DecodePlan, DecoderTally, resolve_decode
+from .errors import InvalidOption, OutputNotWritable, RunWideError, StoreConflict, StoreWriteError, WsiEmbedError
 from .executor import Executor, RegionBuffer, RunStats, SlideRun, release
-from .infer import EncoderRunner, select_device, select_precision
-from .loader import EndOfSlide, default_workers, make_loader, region_task, release_handles
-from .jobs import EmbedOptions, SlideJob, SlideResult, model_name, slide_id_for
-from .resume import Resume, plan_resume
+from .grid import Grid, plan_regions
 from .ids import id_problem
+from .infer import EncoderRunner, select_device, select_precision
+from .jobs import EmbedOptions, SlideJob, SlideResult, model_name, slide_id_for
+from .loader import EndOfSlide, default_workers, make_loader, region_task, release_handles
 from .locks import LockError, lock_path, try_lock
+from .plan import Cancelled, plan_slide
 from .qc import qc_path_for, qc_title, render_qc, render_store_qc, write_png_atomic
-from .slide import describe, ensure_intact, fingerprint, open_slide, resolve_mpp
-from .store import (StoreWriter, completed_encoders, ensure_writable, read_guard,
-                    remove_stale_temporaries, store_path)
-from .tissue import cell_tissue_fraction, detect_tissue, read_thumbnail, tissue_method
+from .resume import Resume, plan_resume
+from .slide import ensure_intact, fingerprint, open_slide, resolve_mpp
+from .store import (StoreWriter, completed_encoders, ensure_writable, read_guard, remove_stale_temporaries,
+                    store_path)
 
 log = logging.getLogger(__name__)
 
@@ -109,71 +110,22 @@ def _preflight(job: SlideJob, opts: EmbedOptions) -> None:
     ensure_intact(job.path)
 
 
-@dataclass
-class SlideGeometry:
-    """Everything known about a slide before any patch is read."""
-
-    info: object  # SlideInfo
-    grid: Grid
-    thumb: object  # Thumbnail
-    tissue_mask: np.ndarray
-    fraction: np.ndarray
-    mask: np.ndarray  # cells to embed
-    block: int
-
-
-def analyse_slide(slide, mpp, opts: EmbedOptions, cancel: threading.Event | None = None) -> SlideGeometry:
-    """Resolution, grid, tissue and the cells to embed (no store is touched)."""
-    info = describe(slide, mpp)
-    grid = plan_grid(opts.grid, slide_mpp=mpp.mpp, level_dimensions=slide.level_dimensions,
-                     level_downsamples=slide.level_downsamples, bounds=slide.bounds)
-    if grid.n_cells > opts.max_cells:  # before anything scales with the slide's claimed size
-        w, h = slide.dimensions
-        raise SlideOutOfLimits(
-            f"{slide.path}: its grid would have {grid.rows} x {grid.cols} = {grid.n_cells:,} cells ({w} x {h} px "
-            f"at {mpp.mpp:g} µm/px, {mpp.source}), more than --max-cells {opts.max_cells:,}; check its resolution "
-            "(override it with --slide-mpp) or raise --max-cells")
-    thumb = read_thumbnail(slide, mpp.mpp, opts.tissue)
-    if cancel is not None and cancel.is_set():
-        raise Cancelled
-    tissue_mask = detect_tissue(thumb, opts.tissue)
-    fraction = cell_tissue_fraction(tissue_mask, thumb, grid)
-    mask = fraction >= opts.min_tissue
-    if opts.max_patches is not None:  # benchmarks: keep the first N tissue cells, row-major
-        keep = np.flatnonzero(mask)[: opts.max_patches]
-        mask = np.zeros_like(mask)
-        mask.flat[keep] = True
-    tile = slide.tile_size(grid.level)
-    block = opts.block or choose_block(grid, tile[0] if tile else None)
-    return SlideGeometry(info, grid, thumb, tissue_mask, fraction, mask, block)
-
-
 def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run: SlideRun, encoders: list,
                   cancel: threading.Event):
-    geo = analyse_slide(slide, mpp, opts, cancel)
-    run.fingerprint = geo.info.fingerprint
-    grid, thumb, mask, tissue_mask = geo.grid, geo.thumb, geo.mask, geo.tissue_mask
-    coords = grid.coords()
-    attrs = {
-        "slide": {**geo.info.to_dict(), "slide_id": job.slide_id},
-        "grid": {**grid.attrs(), "block": geo.block},
-        "tissue": {**opts.tissue.to_dict(), "min_tissue": opts.min_tissue, "method": tissue_method(thumb.image),
-                   "thumbnail_mpp": [thumb.mpp_x, thumb.mpp_y],
-                   "thumbnail_scale": [thumb.scale_x, thumb.scale_y],
-                   "tissue_area_mm2": float(tissue_mask.sum() * thumb.mpp_x * thumb.mpp_y / 1e6),
-                   "cells_embedded": int(mask.sum()), "max_patches": opts.max_patches},
-    }
+    plan = plan_slide(slide, mpp, opts, job.slide_id, cancel)
+    run.fingerprint = plan.info.fingerprint
+    coords = plan.grid.coords()
     if cancel.is_set():
         raise Cancelled
     with _writing(job, writer.final.parent):
-        writer.create(attrs=attrs, mask=mask, tissue_fraction=geo.fraction, coords=coords,
-                      thumbnail=thumb.image, tissue_mask=tissue_mask, chunk=geo.block)
+        writer.create(attrs=plan.attrs(), mask=plan.mask, tissue_fraction=plan.fraction, coords=coords,
+                      thumbnail=plan.thumb.image, tissue_mask=plan.tissue_mask, chunk=plan.block)
     if opts.qc:
-        title = qc_title(job.slide_id, int(mask.sum()), grid.patch_px, grid.target_mpp, opts.min_tissue,
+        title = qc_title(job.slide_id, plan.cells, plan.grid.patch_px, plan.grid.target_mpp, opts.min_tissue,
                          [(e.config.name, e.weights.random) for e in encoders])
-        run.qc_image = render_qc(thumb.image, tissue_mask, grid, coords, mask,
-                                 scale_x=thumb.scale_x, scale_y=thumb.scale_y, title=title)
-    return grid, mask, geo.block
+        run.qc_image = render_qc(plan.thumb.image, plan.tissue_mask, plan.grid, coords, plan.mask,
+                                 scale_x=plan.thumb.scale_x, scale_y=plan.thumb.scale_y, title=title)
+    return plan.grid, plan.mask, plan.block
 
 
 def _geometry_conflict(final: Path, job: SlideJob, opts: EmbedOptions) -> str | None:
@@ -406,10 +358,6 @@ def _finished(results: list[SlideResult], runs: dict) -> Iterator[SlideResult]:
         key = next(k for k, r in runs.items() if r.result is result)
         runs.pop(key)
         yield result
-
-
-class Cancelled(BaseException):
-    """The run is being interrupted: a slide being prepared stops at its next check."""
 
 
 def _lock(out_dir: Path, job: SlideJob, opts: EmbedOptions):
