@@ -12,11 +12,8 @@ No torch and no slide decoding here: a rerun of a finished cohort stays quick.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -46,24 +43,9 @@ class ExpectedWeights:
     sha256: str | None  # None: not known without loading (a download, timm's hub)
 
 
-@functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, computed once per process for an unchanged file."""
-    st = os.stat(path)
-    return _sha256(str(path), st.st_size, st.st_mtime_ns)
-
-
 def expected_weights(model: str, weights: str) -> ExpectedWeights:
     """The weights ``--weights`` would give ``model``, as far as known without loading anything."""
-    from .encoders.fetch import find_published, hub_checkpoint_dir, url_basename
+    from .encoders.fetch import find_published, hub_checkpoint_dir, sha256_file, url_basename
     from .encoders.registry import get_config
 
     spec = (weights or "").strip()
@@ -78,7 +60,7 @@ def expected_weights(model: str, weights: str) -> ExpectedWeights:
         path = hub_checkpoint_dir() / url_basename(spec)
     else:
         path = Path(spec).expanduser()
-    sha = file_sha256(path) if path is not None and path.is_file() else None
+    sha = sha256_file(path) if path is not None and path.is_file() else None
     return ExpectedWeights(False, sha)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,14 +20,6 @@ log = logging.getLogger(__name__)
 WRAPPER_KEYS = ("state_dict", "model", "teacher")  # plain / timm & DeiT / DINO checkpoints
 PREFIXES = ("module.", "backbone.")  # DataParallel / SSL wrappers
 SHOW = 5
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _reason(e: Exception) -> str:

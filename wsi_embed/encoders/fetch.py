@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 import socket
@@ -95,6 +97,21 @@ def timm_cached_file(pcfg: Mapping[str, Any]) -> Path | None:
         if local.is_file():
             return local
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a weights file, computed once per process while the file is unchanged."""
+    st = os.stat(path)
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
 def url_basename(url: str) -> str:

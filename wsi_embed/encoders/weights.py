@@ -16,7 +16,8 @@ from wsi_embed.errors import InvalidOption, WeightsMismatch, WeightsUnavailable
 from . import fetch
 from .fetch import _safe_alternative, find_published, published_candidates, timm_cached_file  # noqa: F401
 from .build import build_module
-from .checkpoint import load_strict, sha256_file
+from .checkpoint import load_strict
+from .fetch import sha256_file
 from .registry import EncoderConfig
 
 log = logging.getLogger(__name__)
