@@ -425,7 +425,7 @@ def fake_task(job, out_dir, models, weights, options, torch_threads=None):
 
 def test_dask_worker_death_is_a_failed_slide_and_errors_are_retried(tmp_path):
     from wsi_embed.cohort.dask_driver import run_cohort_dask
-    from wsi_embed.pipeline import SlideJob
+    from wsi_embed.jobs import SlideJob
 
     jobs = [SlideJob(tmp_path / f"{sid}.svs", sid) for sid in ("ok1", "crash", "flaky", "ok2")]
     summary = run_cohort_dask(jobs, tmp_path / "out", [MODEL], "random", OPTS, cluster="local", n_workers=2,
@@ -451,15 +451,15 @@ def env_task(job, out_dir, models, weights, options, torch_threads=None):
 
 def test_local_gpu_workers_are_pinned_and_may_fork(tmp_path, monkeypatch):
     """Without a GPU here: pretend two are visible and look at the workers the driver starts."""
-    from wsi_embed.cohort import dask_driver
-    from wsi_embed.pipeline import SlideJob
+    from wsi_embed.cohort import cluster, dask_driver
+    from wsi_embed.jobs import SlideJob
 
-    monkeypatch.setattr(dask_driver, "_visible_gpus", lambda device: ["3", "5"])
+    monkeypatch.setattr(cluster, "_visible_gpus", lambda device: ["3", "5"])
     jobs = [SlideJob(tmp_path / f"s{i}.svs", f"s{i}") for i in range(6)]
     summary = dask_driver.run_cohort_dask(jobs, tmp_path / "out", [MODEL], "random", EmbedOptions(),
                                           cluster="local", task=env_task)
     notes = {r.note for r in summary.results}
-    loader = max(0, dask_driver._cores() // 2 - 1)
+    loader = max(0, cluster._cores() // 2 - 1)
     # Pinned, non-daemonic, no statistical profiler (it deadlocks Python 3.11 now and then).
     assert notes <= {f"3,False,{loader},False", f"5,False,{loader},False"} and len(summary.results) == 6
 

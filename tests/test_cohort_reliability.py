@@ -238,7 +238,7 @@ def test_full_disk_loses_rows_not_the_run(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(manifest_mod.os, "write", half_then_full)
     summary, seen = CohortSummary(total=3, manifest=path), []
     record = Recorder(book, summary, seen.append)
-    with caplog.at_level(logging.DEBUG, logger="wsi_embed.cohort.run"):
+    with caplog.at_level(logging.DEBUG, logger="wsi_embed.cohort.results"):
         record(SlideResult("/x/b.svs", "b", "done", cells=5))
         record(SlideResult("/x/c.svs", "c", "skipped", note="complete"))
     monkeypatch.setattr(manifest_mod.os, "write", real_write)
@@ -407,3 +407,43 @@ def test_serial_run_fails_a_too_long_id_alone(tmp_path):
     status = {r.slide_id: r for r in summary.results}
     assert status["q" * 300].status == "failed" and "300 bytes, too long for a file name" in status["q" * 300].error
     assert status["b"].status == "skipped" and summary.exit_code == EXIT_FAILED
+
+
+# -- module layout: no torch at import, no cycle, one place for what the drivers share -------------------
+def test_importing_the_cohort_does_not_import_torch():
+    """A client that only plans, shards or submits to a cluster never pays for torch (nor dask)."""
+    code = ("import sys\n"
+            "import wsi_embed.cohort, wsi_embed.cohort.run, wsi_embed.cohort.dask_driver, wsi_embed.cohort.cluster\n"
+            "import wsi_embed.cohort.results\n"
+            "heavy = [m for m in ('torch', 'torchvision', 'timm', 'dask', 'distributed', 'wsi_embed.pipeline')\n"
+            "         if m in sys.modules]\n"
+            "print(','.join(heavy) or 'none')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "none", proc.stdout
+
+
+def test_drivers_share_one_results_module_and_cluster_names_stay_importable():
+    import ast
+
+    from wsi_embed.cohort import cluster, dask_driver, results, run
+
+    assert run.CohortSummary is results.CohortSummary is dask_driver.CohortSummary
+    assert run.Recorder is results.Recorder and run.EXIT_LOCKED == results.EXIT_LOCKED == 4
+    for name in ("SlurmSettings", "open_client", "check_cluster", "ClusterUnavailable", "_visible_gpus", "_cores",
+                 "WORKER_CONFIG", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_WORKER_TIMEOUT"):
+        assert getattr(dask_driver, name) is getattr(cluster, name), name
+    # no cycle: dask_driver does not import run (run imports dask_driver only inside embed_cohort)
+    source = Path(dask_driver.__file__).read_text()
+    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
+    assert "run" not in imported and "results" in imported and "cluster" in imported
+
+
+def test_settled_is_the_skip_check_of_both_drivers(tmp_path):
+    from wsi_embed.cohort.results import settled
+
+    long_id = SlideJob(tmp_path / "a.svs", "x" * 300)
+    assert settled(long_id, tmp_path, ["timm:test_vit"], "random", OPTS).status == "failed"
+    fresh = SlideJob(tmp_path / "b.svs", "b")
+    assert settled(fresh, tmp_path, ["timm:test_vit"], "random", OPTS) is None  # no store: work to do

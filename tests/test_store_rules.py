@@ -82,3 +82,144 @@ def test_bad_slide_id_and_bad_manifest_are_refused_up_front(sample_slide, tmp_pa
                    "--model", "timm:test_vit", "--weights", "random", "--workers", "0")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--manifest" in proc.stderr
     assert not list((tmp_path / "o2").glob("*.zarr"))
+
+
+# -- geometry in few chunks; the region block is recorded, old layouts still read ---------------------
+def _chunk_files(array_dir) -> int:
+    return sum(1 for p in (array_dir / "c").rglob("*") if p.is_file())
+
+
+def test_geometry_chunks_rule():
+    from wsi_embed.store import GEOMETRY_CHUNK_BYTES, geometry_chunks
+
+    assert geometry_chunks((178, 178), 1) == (178, 178)  # a 40k x 40k slide at 0.5 µm/px: one chunk
+    assert geometry_chunks((178, 178, 2), 8) == (178, 178, 2)
+    assert geometry_chunks((2048, 2048, 3), 1) == (2048, 2048, 3)  # the largest thumbnail
+    assert geometry_chunks((0, 5), 4) == (1, 5)
+    for shape, itemsize, side in (((5000, 5000), 1, 4096), ((10000, 600), 4, 2048), ((3000, 3000, 2), 8, 1024),
+                                  ((4000, 4000, 3), 1, 2048)):
+        chunks = geometry_chunks(shape, itemsize)
+        assert chunks[:2] == tuple(min(n, side) for n in shape[:2]) and chunks[2:] == shape[2:], (shape, chunks)
+        assert itemsize * np.prod(chunks) <= GEOMETRY_CHUNK_BYTES
+
+
+def test_geometry_is_stored_in_one_chunk_per_array(sample_slide, tmp_path):
+    import zarr
+
+    result = embed_slide(sample_slide, tmp_path, ["timm:test_vit"], "random",
+                         EmbedOptions(workers=0, block=4, max_patches=12))
+    assert result.status == "done", result.error
+    store_dir = tmp_path / "CMU-1-Small-Region.zarr"
+    for name in ("mask", "tissue_fraction", "coords", "thumbnail", "tissue_mask"):
+        assert _chunk_files(store_dir / name) == 1, name
+    root = zarr.open_group(str(store_dir), mode="r")
+    assert root.attrs["grid"]["block"] == 4
+    emb = root["timm-test_vit/embeddings"]
+    assert emb.chunks[:2] == (4, 4) and _chunk_files(store_dir / "timm-test_vit" / "embeddings") > 1
+    store = open_store(store_dir, verify=True)
+    feats, xy = store.bag()
+    assert feats.shape[0] == 12 and np.array_equal(xy, store.coords[store.mask])
+
+
+def _as_old_layout(store_dir, block: int) -> None:
+    """Rewrite a store's geometry as stores before issue 9 had it: mask, tissue_fraction and coords
+    in chunks of the region block, the pictures in 1024 px chunks, and no ``grid.block`` attr."""
+    import zarr
+
+    from wsi_embed.store import COMPRESSORS
+
+    root = zarr.open_group(str(store_dir), mode="r+")
+    for name in ("mask", "tissue_fraction", "coords", "thumbnail", "tissue_mask"):
+        old = root[name]
+        data, dims = old[...], old.metadata.dimension_names
+        side = block if name in ("mask", "tissue_fraction", "coords") else 1024
+        del root[name]
+        root.create_array(name, data=data, chunks=tuple(min(n, side) for n in data.shape[:2]) + data.shape[2:],
+                          dimension_names=dims, compressors=COMPRESSORS, config={"write_empty_chunks": True})
+    grid = dict(root.attrs["grid"])
+    grid.pop("block")
+    root.attrs["grid"] = grid
+
+
+def test_stores_with_the_old_geometry_chunks_still_read_verify_and_take_new_encoders(sample_slide, tmp_path):
+    result = embed_slide(sample_slide, tmp_path, ["timm:test_vit"], "random",
+                         EmbedOptions(workers=0, block=4, max_patches=12))
+    store_dir = tmp_path / "CMU-1-Small-Region.zarr"
+    _as_old_layout(store_dir, 4)
+    assert _chunk_files(store_dir / "mask") > 1
+    before = open_store(store_dir, verify=True).bag()
+    # a second encoder reuses the geometry: its chunks follow the old mask chunks (no grid.block)
+    again = embed_slide(sample_slide, tmp_path, ["timm:test_resnet"], "random",
+                        EmbedOptions(workers=0, max_patches=12))
+    assert again.status == "done", again.error
+    store = open_store(store_dir, verify=True)
+    assert sorted(store.encoders) == ["timm:test_resnet", "timm:test_vit"]
+    assert store.embeddings("timm:test_resnet").chunks[:2] == (4, 4)
+    feats, xy = store.bag("timm:test_vit")
+    np.testing.assert_array_equal(feats, before[0])
+    np.testing.assert_array_equal(xy, before[1])
+    assert store.bag("timm:test_resnet")[0].shape[0] == 12 == result.cells
+
+
+# -- the writer as a context manager ---------------------------------------------------------------
+def _geometry(rows=3, cols=5):
+    return dict(attrs={"grid": {"rows": rows, "cols": cols}}, mask=np.ones((rows, cols), bool),
+                tissue_fraction=np.ones((rows, cols), np.float32), coords=np.zeros((rows, cols, 2), np.int64),
+                thumbnail=np.zeros((8, 8, 3), np.uint8), tissue_mask=np.ones((8, 8), bool), chunk=2)
+
+
+def _leftovers(out):
+    return sorted(p.name for p in out.glob(".*"))
+
+
+def test_writer_context_aborts_when_the_block_raises(tmp_path):
+    import zarr
+
+    from wsi_embed.store import StoreWriter
+
+    final = tmp_path / "s.zarr"
+    with pytest.raises(ValueError, match="boom"):
+        with StoreWriter(final, append=False) as writer:
+            writer.create(**_geometry())
+            writer.add_encoder("timm:x", dim=4, dtype="float16", chunk=2, attrs={"name": "timm:x"})
+            assert _leftovers(tmp_path)
+            raise ValueError("boom")
+    assert writer.state == "aborted" and not final.exists() and not _leftovers(tmp_path)
+    writer.abort()  # idempotent
+
+    # a normal exit commits what the block committed
+    with StoreWriter(final, append=False) as writer:
+        writer.create(**_geometry())
+        group = writer.add_encoder("timm:x", dim=4, dtype="float16", chunk=2, attrs={"name": "timm:x"})
+        group.write_block(0, 0, np.zeros((3, 5, 4), np.float32))
+        writer.mark_complete(group)
+        assert writer.commit() == final
+    assert writer.state == "committed" and not _leftovers(tmp_path)
+    writer.abort()  # a no-op after commit: the store stays
+    assert zarr.open_group(str(final), mode="r").attrs["grid"]["block"] == 2  # recorded from chunk
+    with pytest.raises(RuntimeError, match="already committed"):
+        writer.commit()
+
+    # appending: a failed block removes its temporary group only, the store is untouched
+    with pytest.raises(KeyboardInterrupt):
+        with StoreWriter(final, append=True) as writer:
+            writer.open_existing()
+            writer.add_encoder("timm:y", dim=4, dtype="float16", chunk=2, attrs={"name": "timm:y"})
+            assert list(final.glob(".timm-y.tmp-*"))
+            raise KeyboardInterrupt
+    assert not list(final.glob(".*")) and (final / "timm-x").is_dir() and not (final / "timm-y").exists()
+
+
+def test_writer_kept_open_after_a_normal_block_and_guard(tmp_path):
+    from wsi_embed.store import StoreWriter
+
+    final = tmp_path / "s.zarr"
+    with StoreWriter(final, append=False) as writer:  # prepared here, committed later
+        writer.create(**_geometry())
+    assert writer.state == "open" and _leftovers(tmp_path)
+    with pytest.raises(OSError):
+        with writer.guard():
+            raise OSError("disk full")
+    assert writer.state == "aborted" and not _leftovers(tmp_path) and not final.exists()
+    with pytest.raises(RuntimeError, match="already aborted"):
+        writer.create(**_geometry())

@@ -56,9 +56,8 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
     if conflict:  # --overwrite with other grid options or another slide: rebuild it all
         append = False
         log.warning("%s: rebuilt for the new options; its other encoder groups are dropped", final)
-    slide = open_slide(job.path, backend=opts.backend)
-    writer = StoreWriter(final, append=append)
-    try:
+    # the writer is left open for the executor to commit; any failure here removes its temporaries
+    with open_slide(job.path, backend=opts.backend) as slide, StoreWriter(final, append=append) as writer:
         mpp = resolve_mpp(slide, job.slide_mpp)
         if append:  # add (or, under --overwrite, replace) groups; other groups are kept
             run.fingerprint = fingerprint(job.path)
@@ -76,11 +75,6 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
                          "input_resize": f"{grid.read_px}px read -> {enc.config.input_size}px encoder input"}
                 run.groups[enc.config.name] = writer.add_encoder(
                     enc.config.name, dim=enc.config.dim, dtype=opts.dtype, chunk=block, attrs=attrs)
-    except BaseException:
-        writer.abort()  # nothing half-written stays behind
-        raise
-    finally:
-        slide.close()
     run.writer, run.grid, run.block = writer, grid, block
     regions = plan_regions(grid, mask, block)
     for region in regions:
@@ -345,8 +339,8 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
         task_feed.close()  # waits for a slide being prepared, so its run is cleaned up too
         executor.shutdown()
         for run in list(runs.values()):
-            if run.writer is not None and run.result.status != "done":
-                run.writer.abort()
+            if run.writer is not None:
+                run.writer.abort()  # does nothing once committed
             release(run)
         for lock in held:
             lock.release()

@@ -7,6 +7,10 @@ Layout (see README, "Store layout")::
       <encoder>/  attrs encoder, complete, cells
         embeddings (rows, cols, dim)
 
+The geometry arrays are stored in few chunks (one up to 16 MiB, :func:`geometry_chunks`); the
+embeddings in chunks of the region block (``grid.block`` in the attrs) by the whole feature axis.
+Stores written before that have geometry chunked like the embeddings: readers depend on neither.
+
 Every array is written with a ``crc32c`` checksum after its compressor, so a damaged chunk is found
 when it is read (:mod:`wsi_embed.verify` reads them all); stores written before that still read.
 Temporaries always start with ``.`` (``.<id>.zarr.tmp-*``, groups ``.<name>.tmp-*`` inside a store)
@@ -39,6 +43,12 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 TMP_MARK = ".tmp-"
 GEOMETRY_ARRAYS = ("mask", "tissue_fraction", "coords", "thumbnail", "tissue_mask")
+# Geometry arrays are stored in few chunks, whatever the region block: each array is one chunk
+# while it is at most this many bytes (a 100k x 100k slide's grid at 224 px and 0.5 µm/px is
+# 446 x 446 cells: 3 MB of coords), larger ones in square chunks of a power-of-two side that fit
+# it (mask 4096 x 4096 cells, tissue_fraction 2048, coords 1024, thumbnail 2048 px). Readers
+# never assume a geometry chunk shape; the region block is recorded in the grid attrs ("block").
+GEOMETRY_CHUNK_BYTES = 16 << 20
 # zstd as before, then a checksum of the compressed bytes: a truncated or overwritten chunk fails it
 COMPRESSORS = (ZstdCodec(level=0, checksum=False), Crc32cCodec())
 # geometry chunks are few: write them all (even all-False ones), so a missing chunk file is damage
@@ -80,6 +90,19 @@ def ensure_writable(out_dir: Path) -> Path:
     return out_dir
 
 
+def geometry_chunks(shape: tuple[int, ...], itemsize: int, max_bytes: int = GEOMETRY_CHUNK_BYTES) -> tuple[int, ...]:
+    """Chunk shape of a geometry array: the whole array when it fits in ``max_bytes``, else square
+    chunks over the first two axes (the largest power-of-two side that fits; every other axis
+    whole)."""
+    shape = tuple(int(n) for n in shape)
+    inner = itemsize * int(np.prod(shape[2:], dtype=np.int64))
+    if inner * int(np.prod(shape[:2], dtype=np.int64)) <= max_bytes:
+        side = max(shape[:2], default=1)
+    else:
+        side = 1 << max(0, int(np.floor(np.log2(np.sqrt(max_bytes / max(1, inner))))))
+    return tuple(max(1, min(n, side)) for n in shape[:2]) + shape[2:]
+
+
 def _tmp_suffix() -> str:
     return f"{TMP_MARK}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -106,6 +129,24 @@ class StoreWriter:
     A fresh store is built in ``.<id>.zarr.tmp-*`` beside the final path. When the store already
     exists (another encoder was run before), new encoder groups are built under temporary names
     inside it and renamed into place; the geometry and tissue arrays are reused.
+
+    Used as a context manager, a block that raises (any exception, ``KeyboardInterrupt`` and
+    ``GeneratorExit`` included) aborts the writer: its temporaries are removed and the exception
+    goes on. A block that ends normally leaves the writer as it is: committed if the block
+    committed it, else still open for a later :meth:`commit` or :meth:`abort` (so a caller may
+    prepare a store in one ``with`` block and commit it elsewhere)::
+
+        with StoreWriter(store_path(out, slide_id), append=False) as writer:
+            writer.create(attrs=..., mask=..., tissue_fraction=..., coords=..., thumbnail=...,
+                          tissue_mask=..., chunk=block)
+            group = writer.add_encoder(name, dim=dim, dtype="float16", chunk=block, attrs=enc_attrs)
+            group.write_block(r0, c0, block_array)  # region by region
+            writer.mark_complete(group)
+            writer.commit()
+
+    :meth:`guard` does the same for a writer made earlier (``with writer.guard(): ...``).
+    :meth:`abort` and :meth:`commit` can still be called directly; :meth:`abort` is idempotent and
+    a no-op after :meth:`commit`, and nothing can be written after either.
     """
 
     def __init__(self, final: Path, *, append: bool):
@@ -117,33 +158,68 @@ class StoreWriter:
             self.root_path = self.final.with_name(f".{self.final.name}{_tmp_suffix()}")
         self._groups: dict[str, tuple[Path, Path]] = {}  # name -> (tmp path, final path)
         self._root: zarr.Group | None = None
+        self.state = "open"  # then "committed" or "aborted"
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self._abort_quietly()
+        return False  # the exception, if any, goes on
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator["StoreWriter"]:
+        """``with writer.guard():`` aborts this writer if the block raises, like ``with writer:``."""
+        try:
+            yield self
+        except BaseException:
+            self._abort_quietly()
+            raise
+
+    def _abort_quietly(self) -> None:
+        try:
+            self.abort()
+        except Exception as exc:  # noqa: BLE001 - the block's own error is the one to report
+            log.warning("%s: could not remove the temporaries of an aborted store (%r)", self.final, exc)
+
+    def _check_open(self) -> None:
+        if self.state != "open":
+            raise RuntimeError(f"{self.final}: this store writer is already {self.state}")
 
     # -- base arrays -------------------------------------------------------------------------
     def create(self, *, attrs: dict, mask, tissue_fraction, coords, thumbnail, tissue_mask, chunk: int) -> None:
+        """Write the root attrs and the geometry arrays. ``chunk`` is the region block (the side of
+        the embeddings' chunks); it is recorded as ``grid.block`` when the caller has not. The
+        geometry arrays are chunked by :func:`geometry_chunks`, not by ``chunk``."""
+        self._check_open()
         root = zarr.open_group(str(self.root_path), mode="w", zarr_format=3)
+        attrs = dict(attrs)
+        if isinstance(attrs.get("grid"), dict) and "block" not in attrs["grid"]:
+            attrs["grid"] = {**attrs["grid"], "block": int(chunk)}
         root.attrs.update({"wsi_embed": {"schema_version": SCHEMA_VERSION, "version": __version__}, **attrs})
-        rows, cols = mask.shape
-        c = (max(1, chunk), max(1, chunk))
         common = {"compressors": COMPRESSORS, "config": _EVERY_CHUNK}
-        root.create_array("mask", data=np.asarray(mask, dtype=bool), chunks=c, dimension_names=("row", "col"),
-                          **common)
-        root.create_array("tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32), chunks=c,
-                          dimension_names=("row", "col"), **common)
-        root.create_array("coords", data=np.asarray(coords, dtype=np.int64), chunks=c + (2,),
-                          dimension_names=("row", "col", "xy"), **common)
-        root.create_array("thumbnail", data=np.asarray(thumbnail, dtype=np.uint8),
-                          chunks=(1024, 1024, 3), dimension_names=("y", "x", "rgb"), **common)
-        root.create_array("tissue_mask", data=np.asarray(tissue_mask, dtype=bool), chunks=(1024, 1024),
-                          dimension_names=("y", "x"), **common)
+        for name, data, dims in (
+            ("mask", np.asarray(mask, dtype=bool), ("row", "col")),
+            ("tissue_fraction", np.asarray(tissue_fraction, dtype=np.float32), ("row", "col")),
+            ("coords", np.asarray(coords, dtype=np.int64), ("row", "col", "xy")),
+            ("thumbnail", np.asarray(thumbnail, dtype=np.uint8), ("y", "x", "rgb")),
+            ("tissue_mask", np.asarray(tissue_mask, dtype=bool), ("y", "x")),
+        ):
+            root.create_array(name, data=data, chunks=geometry_chunks(data.shape, data.dtype.itemsize),
+                              dimension_names=dims, **common)
         self._root = root
 
     def open_existing(self) -> zarr.Group:
+        self._check_open()
         self._root = zarr.open_group(str(self.root_path), mode="r+", zarr_format=3)
         return self._root
 
     # -- encoder groups ----------------------------------------------------------------------
     def add_encoder(self, name: str, *, dim: int, dtype: str, chunk: int, attrs: dict) -> EncoderGroupWriter:
-        assert self._root is not None, "create() or open_existing() first"
+        self._check_open()
+        if self._root is None:
+            raise RuntimeError("StoreWriter: call create() or open_existing() before add_encoder()")
         rows, cols = self._root["mask"].shape
         node = group_name(name)
         tmp_node = f".{node}{_tmp_suffix()}" if self.append else node
@@ -169,6 +245,12 @@ class StoreWriter:
 
     def commit(self) -> Path:
         """Move everything into place. Safe against crashes at any point: see module doc."""
+        self._check_open()
+        self._commit()
+        self.state = "committed"
+        return self.final
+
+    def _commit(self) -> None:
         if self.append:
             for tmp, final in self._groups.values():
                 if final.exists():
@@ -178,7 +260,7 @@ class StoreWriter:
                     _remove(trash)
                 else:
                     os.rename(tmp, final)
-            return self.final
+            return
         if self.final.exists():  # --overwrite: swap, then delete the old one
             trash = self.final.with_name(f".{self.final.name}.old{_tmp_suffix()}")
             os.rename(self.final, trash)
@@ -186,9 +268,13 @@ class StoreWriter:
             _remove(trash)
         else:
             os.rename(self.root_path, self.final)
-        return self.final
 
     def abort(self) -> None:
+        """Remove this writer's temporaries (the temporary store, or the temporary groups added to
+        an existing one). Idempotent; does nothing after :meth:`commit`."""
+        if self.state == "committed":
+            return
+        self.state = "aborted"
         if self.append:
             for tmp, _ in self._groups.values():
                 _remove(tmp)
@@ -485,14 +571,23 @@ class EmbeddingStore:
         feats = np.empty((n_cells, dim), dtype=np.float32)
         xy = np.empty((n_cells, 2), dtype=np.int64)
         band, k, lost = max(1, int(emb.chunks[0])), 0, 0
-        for r0 in range(0, rows, band):
-            m = mask[r0 : r0 + band]
-            n = int(m.sum())
-            if n:
-                feats[k : k + n] = emb[r0 : r0 + band][m]
-                xy[k : k + n] = coords[r0 : r0 + band][m]
-                lost += int((~np.isfinite(feats[k : k + n]).all(axis=1)).sum())
-                k += n
+        # coords are read a slab of whole coords chunk rows at a time (their chunks need not match
+        # the embeddings': geometry is stored in few large chunks, see geometry_chunks)
+        slab = -(-max(band, int(coords.chunks[0])) // band) * band
+        for s0 in range(0, rows, slab):
+            ms = mask[s0 : s0 + slab]
+            if not ms.any():
+                continue
+            xys = coords[s0 : s0 + slab][ms]
+            j = 0
+            for r0 in range(s0, min(rows, s0 + slab), band):
+                m = mask[r0 : r0 + band]
+                n = int(m.sum())
+                if n:
+                    feats[k : k + n] = emb[r0 : r0 + band][m]
+                    xy[k : k + n] = xys[j : j + n]
+                    lost += int((~np.isfinite(feats[k : k + n]).all(axis=1)).sum())
+                    k, j = k + n, j + n
         if lost:
             raise CorruptStore(f"{self.path}: {node}/embeddings is damaged ({lost} of {n_cells} embedded cells "
                                f"have no finite embedding: chunk files lost); {repair_hint(self.path)}")
