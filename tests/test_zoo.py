@@ -35,7 +35,12 @@ def read_cell(slide_path, xy, level, read_px, size):
     return ((x - LUNIT_MEAN) / LUNIT_STD)[None]
 
 
-@pytest.mark.parametrize("name", list(PUBLISHED_FILES))
+# Every trunk runs under `-m slow`; the default suite keeps one ResNet-50 and one ViT (same code paths).
+_DEFAULT = {"lunit-bt-rn50", "lunit-dino-vits16"}
+
+
+@pytest.mark.parametrize("name", [n if n in _DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in PUBLISHED_FILES])
 def test_lunit_trunk_matches_independent_computation(name, sample_slide, offline_torch_home, tmp_path):
     opts = EmbedOptions(dtype="float32", device="cpu", precision="fp32", workers=0, max_patches=6)
     result = embed_slide(sample_slide, tmp_path, [name], "auto", opts)
