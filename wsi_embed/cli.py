@@ -184,6 +184,14 @@ def embed(
             from .infer import select_device
 
             select_device(device)  # a device that is not there is said before anything else
+        else:
+            from .cohort.cluster import check_cluster
+
+            check_cluster(cluster)
+        if manifest is not None:
+            from .cohort.manifest import Manifest
+
+            Manifest(manifest).check_path()
         if cluster and not verbose:  # distributed sets its loggers to INFO when imported
             import distributed  # noqa: F401
 

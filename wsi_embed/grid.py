@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -174,10 +175,14 @@ class Region:
     cells: tuple[tuple[int, int], ...]  # (row, col) of the cells to embed, row-major
 
 
-def plan_regions(grid: Grid, mask: np.ndarray, block: int) -> list[Region]:
-    """Blocks of ``block`` x ``block`` cells that hold at least one cell to embed."""
+def plan_regions(grid: Grid, mask: np.ndarray, block: int,
+                 should_stop: Callable[[], bool] | None = None) -> list[Region]:
+    """Blocks of ``block`` x ``block`` cells that hold at least one cell to embed. ``should_stop``
+    is asked for each row of blocks (raising there stops a huge grid's planning at once)."""
     regions = []
     for r0 in range(0, grid.rows, block):
+        if should_stop is not None:
+            should_stop()
         for c0 in range(0, grid.cols, block):
             r1, c1 = min(r0 + block, grid.rows), min(c0 + block, grid.cols)
             rr, cc = np.nonzero(mask[r0:r1, c0:c1])

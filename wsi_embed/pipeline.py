@@ -76,7 +76,13 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
                 run.groups[enc.config.name] = writer.add_encoder(
                     enc.config.name, dim=enc.config.dim, dtype=opts.dtype, chunk=block, attrs=attrs)
     run.writer, run.grid, run.block = writer, grid, block
-    regions = plan_regions(grid, mask, block)
+
+    def stop() -> None:  # a huge grid's regions take seconds to plan: an interrupt must not wait
+        if cancel.is_set():
+            writer.abort()
+            raise Cancelled
+
+    regions = plan_regions(grid, mask, block, should_stop=stop)
     for region in regions:
         blocks = {n: None for n in run.groups}
         cells = np.asarray(region.cells, dtype=np.int64).reshape(-1, 2)
@@ -114,6 +120,8 @@ def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run:
     with _writing(job, writer.final.parent):
         writer.create(attrs=plan.attrs(), mask=plan.mask, tissue_fraction=plan.fraction, coords=coords,
                       thumbnail=plan.thumb.image, tissue_mask=plan.tissue_mask, chunk=plan.block)
+    if cancel.is_set():
+        raise Cancelled
     if opts.qc:
         title = qc_title(job.slide_id, plan.cells, plan.grid.patch_px, plan.grid.target_mpp, opts.min_tissue,
                          [(e.config.name, e.weights.random) for e in encoders])

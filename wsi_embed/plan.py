@@ -64,9 +64,8 @@ def plan_slide(slide: Slide, mpp: MppInfo, opts: EmbedOptions, slide_id: str,
             f"{slide.path}: its grid would have {grid.rows} x {grid.cols} = {grid.n_cells:,} cells ({w} x {h} px "
             f"at {mpp.mpp:g} µm/px, {mpp.source}), more than --max-cells {opts.max_cells:,}; check its resolution "
             "(override it with --slide-mpp) or raise --max-cells")
-    thumb = read_thumbnail(slide, mpp.mpp, opts.tissue)
-    if cancel is not None and cancel.is_set():
-        raise Cancelled
+    stop = cancel.is_set if cancel is not None else None
+    thumb = read_thumbnail(slide, mpp.mpp, opts.tissue, should_stop=stop)
     tissue_mask = detect_tissue(thumb, opts.tissue)
     fraction = cell_tissue_fraction(tissue_mask, thumb, grid)
     mask = fraction >= opts.min_tissue

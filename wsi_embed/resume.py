@@ -111,6 +111,9 @@ def plan_resume(out_dir: Path, job: SlideJob, names: Sequence[str], weights: str
             f"{job.path}: the store {store} was made from another file ({recorded.get('path')}); "
             "use --overwrite to replace it, or give this slide its own id with --list and a slide_id column"))
     todo, notes = [n for n in names if n not in done], []
+    lost = [n for n in todo if (store / group_name(n)).is_dir()]  # a group there, but unreadable or unfinished
+    if lost:
+        notes.append(f"its {', '.join(lost)} group{'s' if len(lost) > 1 else ''} could not be read as complete")
     for name in names:
         if name in done:
             why = _stale_weights(store, name, expected_weights(name, weights))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -38,7 +39,8 @@ class Thumbnail:
     scale_y: float
 
 
-def read_thumbnail(slide: Slide, slide_mpp: float, params: TissueParams) -> Thumbnail:
+def read_thumbnail(slide: Slide, slide_mpp: float, params: TissueParams,
+                   should_stop: Callable[[], bool] | None = None) -> Thumbnail:
     """Downsample the whole slide block by block, so memory stays bounded for any slide size.
 
     A pyramid level up to twice as coarse as ``thumb_mpp`` is used as is (reading a level 16x
@@ -47,7 +49,8 @@ def read_thumbnail(slide: Slide, slide_mpp: float, params: TissueParams) -> Thum
     Some converters write the lower pyramid levels in YCbCr (or with swapped channels) labelled
     as RGB, and a tissue mask from such a level is wrong. So the level's colours are checked
     against level 0 at a few places (:func:`_colour_mismatch`, small reads) and a finer level is
-    used when they disagree.
+    used when they disagree. ``should_stop`` is asked between blocks: a run being interrupted
+    raises :class:`~wsi_embed.plan.Cancelled` within one block read.
     """
     w0, h0 = slide.dimensions
     floor_mpp = max(params.thumb_mpp, slide_mpp, max(w0, h0) * slide_mpp / params.max_thumb_px)
@@ -55,7 +58,7 @@ def read_thumbnail(slide: Slide, slide_mpp: float, params: TissueParams) -> Thum
     level = max((lv for lv, ds in enumerate(downsamples) if slide_mpp * ds <= 2 * floor_mpp * 1.001),
                 default=0, key=lambda lv: downsamples[lv])
     while True:
-        thumb = _thumbnail_from_level(slide, level, slide_mpp, floor_mpp)
+        thumb = _thumbnail_from_level(slide, level, slide_mpp, floor_mpp, should_stop)
         mismatch = _colour_mismatch(slide, thumb) if downsamples[level] > 1 else None
         if mismatch is None:
             return thumb
@@ -67,7 +70,8 @@ def read_thumbnail(slide: Slide, slide_mpp: float, params: TissueParams) -> Thum
         level = finer
 
 
-def _thumbnail_from_level(slide: Slide, level: int, slide_mpp: float, floor_mpp: float) -> Thumbnail:
+def _thumbnail_from_level(slide: Slide, level: int, slide_mpp: float, floor_mpp: float,
+                          should_stop: Callable[[], bool] | None = None) -> Thumbnail:
     w0, h0 = slide.dimensions
     downsamples = slide.level_downsamples
     mpp = max(floor_mpp, slide_mpp * downsamples[level])
@@ -78,6 +82,10 @@ def _thumbnail_from_level(slide: Slide, level: int, slide_mpp: float, floor_mpp:
     block = max(1, int(4096 // max(fx, fy)))  # thumbnail px per block side, ~4k level px read
     ds = downsamples[level]
     for ty in range(0, th, block):
+        if should_stop is not None and should_stop():
+            from .plan import Cancelled
+
+            raise Cancelled
         for tx in range(0, tw, block):
             bw, bh = min(block, tw - tx), min(block, th - ty)
             lx0, ly0 = int(round(tx * fx)), int(round(ty * fy))

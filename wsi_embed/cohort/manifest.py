@@ -58,14 +58,19 @@ class Manifest:
         self.path = Path(path)
         self.jsonl = self.path.suffix.lower() in (".jsonl", ".ndjson")
 
-    def check_writable(self) -> None:
-        """Fail before any slide is embedded, not after the first one: a path that cannot be
-        written, a slide's name, or an existing file that is not a manifest of this format."""
+    def check_path(self) -> None:
+        """Refuse, without touching anything, a slide's name or an existing file that is not a
+        manifest of this format."""
         suffix = self.path.suffix.lower().lstrip(".")
         if suffix in SLIDE_EXTENSIONS:
             raise InvalidOption(f"--manifest {self.path}: has a slide file extension (.{suffix}); the manifest "
                                 "is a .csv or .jsonl log, choose another path")
         self._check_existing()
+
+    def check_writable(self) -> None:
+        """Fail before any slide is embedded, not after the first one: :meth:`check_path`, and a
+        path that cannot be written."""
+        self.check_path()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists():
