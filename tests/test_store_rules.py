@@ -3,7 +3,6 @@ replaces only what it recomputes, provenance is complete, reads agree at inexact
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import openslide

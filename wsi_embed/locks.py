@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidOption, WsiEmbedError
-from .errors import LockLost  # noqa: F401  (re-exported: it is raised about these locks)
 from .ids import MAX_ID_BYTES, id_bytes
 
 log = logging.getLogger(__name__)
