@@ -22,7 +22,7 @@ from ..errors import InvalidOption, SlideNotFound
 from ..ids import clean_natural_id, has_tmp_mark
 from ..jobs import SlideJob, slide_id_for
 from ..slide import check_slide_mpp
-from ..slide import DicomSeries, dicom_candidate_name, dicom_series, is_dicom_file
+from ..dicom import DicomSeries, dicom_candidate_name, dicom_series, is_dicom_file
 
 log = logging.getLogger(__name__)
 
