@@ -245,9 +245,21 @@ class _Geometry:
         ys = np.round((oy + np.round(np.arange(self.rows) * stride).astype(np.int64)) * ds).astype(np.int64)
         return xs, ys
 
+    def _read_whole(self, arrays: dict, name: str, shape: tuple[int, int], dtype) -> np.ndarray | None:
+        """A geometry array read chunk by chunk; None when it is missing or any chunk is damaged."""
+        if name not in arrays:
+            return None
+        out = np.zeros(shape, dtype=dtype)
+
+        def keep(region, data):
+            out[region] = data
+
+        failed = _scan(arrays[name], keep)
+        self.report.problems += _chunk_problems(GEOMETRY, name, failed)
+        return None if failed else out
+
     def _cells(self, arrays: dict) -> None:
         rows, cols = self.rows, self.cols
-        mask = fraction = None
         shapes_ok = True
         for name, shape in (("mask", (rows, cols)), ("tissue_fraction", (rows, cols)), ("coords", (rows, cols, 2))):
             if name in arrays and tuple(arrays[name].shape) != shape:
@@ -255,24 +267,8 @@ class _Geometry:
                 shapes_ok = False
         if not shapes_ok:
             return
-        if "mask" in arrays:
-            mask = np.zeros((rows, cols), dtype=bool)
-
-            def keep_mask(region, data):
-                mask[region] = data
-
-            failed = _scan(arrays["mask"], keep_mask)
-            self.report.problems += _chunk_problems(GEOMETRY, "mask", failed)
-            mask = None if failed else mask
-        if "tissue_fraction" in arrays:
-            fraction = np.zeros((rows, cols), dtype=np.float32)
-
-            def keep_fraction(region, data):
-                fraction[region] = data
-
-            failed = _scan(arrays["tissue_fraction"], keep_fraction)
-            self.report.problems += _chunk_problems(GEOMETRY, "tissue_fraction", failed)
-            fraction = None if failed else fraction
+        mask = self._read_whole(arrays, "mask", (rows, cols), bool)
+        fraction = self._read_whole(arrays, "tissue_fraction", (rows, cols), np.float32)
         if "coords" in arrays:
             expected = self._expected_coords()
             wrong = [0]
