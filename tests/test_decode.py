@@ -283,3 +283,21 @@ def test_gpu_decode_check_runs_on_cpu(tmp_path, sample_slide, capsys):
             assert level["pipeline_decoder"] == ["libjpeg-turbo (torchvision.io.decode_jpeg, cpu)"]
     assert report["timing"]["patches"] == 64
     assert report["timing"]["cpu_path_patches_per_s"] > 0 and report["timing"]["device_path_patches_per_s"] > 0
+
+
+def test_the_store_records_the_decoder_and_both_paths_agree(sample_slide, tmp_path, monkeypatch):
+    """The whole pipeline with each decoder. No CUDA here, so the device path runs on the CPU device
+    (the plan ``--decode gpu`` gets on a GPU, with device cpu): its embeddings equal the CPU path's."""
+    from wsi_embed import EmbedOptions, embed_slide, open_store
+
+    opts = EmbedOptions(workers=0, max_patches=12, dtype="float32", decode="cpu")
+    stores = {}
+    for path, expected in (("cpu", CPU_JPEG_DECODER), ("device", "libjpeg-turbo (torchvision.io.decode_jpeg, cpu)")):
+        if path == "device":
+            monkeypatch.setattr("wsi_embed.pipeline.resolve_decode", lambda mode, device: dec.device_plan(device))
+        result = embed_slide(sample_slide, tmp_path / path, ["timm:test_vit"], "random", opts)
+        assert result.status == "done", result.error
+        stores[path] = open_store(result.store)
+        attrs = stores[path].encoder_attrs()
+        assert attrs["decoder"] == expected and attrs["decoders"] == {expected: 12}, attrs
+    np.testing.assert_allclose(stores["device"].bag()[0], stores["cpu"].bag()[0], atol=1e-4)
