@@ -281,23 +281,6 @@ def test_exit_codes():
     assert "0 skipped, 0 failed" in summary(done).line()  # unchanged when nothing was locked
 
 
-def test_locked_slide_makes_exit_status_4(tmp_path):
-    """A real lock held by a live process: the run skips the slide and says 4, not 0."""
-    slide = tmp_path / "s.svs"
-    slide.write_bytes(b"not read: the slide is locked")
-    out = tmp_path / "out"
-    out.mkdir()
-    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (out / ".s.lock").write_text(json.dumps(
-            {"host": socket.gethostname(), "pid": owner.pid, "started": time.time(), "token": "x"}))
-        summary = run_cohort(plan_cohort([slide]), out, [MODEL], "random", OPTS)
-    finally:
-        owner.kill()
-        owner.wait()
-    assert summary.locked == 1 and summary.ok and summary.exit_code == EXIT_LOCKED
-
-
 # -- dask clusters that cannot start or never answer ---------------------------------------------
 def test_cluster_slurm_without_sbatch_is_one_line_at_once(tmp_path, monkeypatch):
     from wsi_embed.cohort.dask_driver import run_cohort_dask

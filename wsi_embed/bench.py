@@ -247,6 +247,7 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
         "steady_patches_per_s": round(stats.steady_patches_per_s, 2),
         "steady_over_model": round(stats.steady_patches_per_s / model_rate, 3) if model_rate else None,
         "busy_fraction": stats.busy(),
+        "main_process_decode_s": round(stats.decode_s, 3),  # tiles decoded for the device (--decode gpu)
         "decode": opts.decode,
         "decode_limit_patches_per_s": round(decode_limit, 2) if decode_limit else None,
         "loader_over_decode_limit": (round(loader_rate / (decode_limit * max(1, loader_workers)), 3)

@@ -324,7 +324,6 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
             elif run.failed:
                 done = executor.add(run, item.region, None)
             else:
-                t1 = time.perf_counter()
                 try:
                     patches = item.to_device(device)  # pinned copy, or the tiles decoded there
                 except torch.cuda.OutOfMemoryError as exc:
@@ -333,7 +332,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 except WsiEmbedError as exc:
                     done = executor.fail(run, str(exc))
                 else:
-                    stats.decode_s += time.perf_counter() - t1 if item.raw is not None else 0.0
+                    stats.decode_s += item.decode_s
                     stats.patches += item.count
                     stats.read_s += item.read_s
                     run.decoders.add(item.decoder, item.count, item.fallback)
