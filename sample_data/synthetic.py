@@ -246,6 +246,38 @@ def make_biopsies(
     return paths
 
 
+PLANTED_BOX = (768, 256, 2304, 1792)  # level-0 px of the planted region in a positive slide
+
+
+def make_planted_cohort(directory: str | Path, n: int = 8, *, size: tuple[int, int] = (3072, 2048),
+                        mpp: float = 0.5, seed: int = 0) -> list[dict]:
+    """Write ``n`` small slides of real tissue, ``planted_000.tif``, ...; the odd-numbered ones carry a
+    planted signal: inside :data:`PLANTED_BOX` the red and green channels are swapped (a green "stain"
+    of the same saturation, so still tissue, that any encoder, random weights included, embeds apart). Returns one dict per slide:
+    ``path``, ``slide_id``, ``label`` (1 planted, 0 not), ``patient_id`` (two slides a patient) and
+    ``box`` (the planted box, or None). Material for MIL, search and embedding-map tests."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    x0, y0, x1, y1 = PLANTED_BOX
+    if x1 > width or y1 > height:
+        raise ValueError(f"size {width}x{height} does not hold the planted box {PLANTED_BOX}")
+    rows = []
+    for i in range(n):
+        rgb = sample_rgb(width, height, origin=(600 + 37 * i, 700 + 23 * i), seed=seed + i)
+        planted = i % 2 == 1
+        if planted:
+            rgb[y0:y1, x0:x1] = rgb[y0:y1, x0:x1][..., [1, 0, 2]]
+        levels = [rgb]
+        while min(levels[-1].shape[:2]) > 512 and len(levels) < MAX_LEVELS:
+            levels.append(area_downsample(levels[-1], 4))
+        path = write_pyramid(directory / f"planted_{i:03d}.tif", levels, mpp=mpp, compression="jpeg",
+                             photometric="rgb", compressionargs={"level": 90})
+        rows.append({"path": path, "slide_id": path.stem, "label": int(planted),
+                     "patient_id": f"patient_{i // 2:02d}", "box": PLANTED_BOX if planted else None})
+    return rows
+
+
 def sample_rgb(width: int, height: int, *, origin: tuple[int, int] = (0, 0), source: str | Path = DEFAULT_SOURCE,
                seed: int = 0) -> np.ndarray:
     """(height, width, 3) uint8: the real slide's pixels (tissue and its glass), mosaicked as in

@@ -66,3 +66,27 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "wsi_embed.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def planted_cohort(tmp_path_factory, sample_slide) -> dict:
+    """Eight small slides of real tissue, the odd ones with a planted blue region (label 1), embedded
+    once with the tiny random-weights ViT. Keys: ``slides`` (make_planted_cohort's rows), ``labels``
+    (a CSV with slide_id, label, patient_id), ``out`` (the output folder of stores), ``encoder``."""
+    import csv
+
+    from sample_data.synthetic import make_planted_cohort
+
+    root = tmp_path_factory.mktemp("planted")
+    rows = make_planted_cohort(root / "slides", 8)
+    labels = root / "labels.csv"
+    with labels.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["slide_id", "label", "patient_id"])
+        for row in rows:
+            writer.writerow([row["slide_id"], row["label"], row["patient_id"]])
+    out = root / "out"
+    done = run_cli("embed", str(root / "slides"), "--out", str(out), "--model", "timm:test_vit",
+                   "--weights", "random", "--workers", "0", "--batch-size", "32")
+    assert done.returncode == 0, done.stderr
+    return {"slides": rows, "labels": labels, "out": out, "encoder": "timm:test_vit"}
