@@ -1,0 +1,206 @@
+"""Queries: a slide, a cell of a slide, a PNG patch (embedded with the index's own encoder and
+weights), or an embedding made elsewhere with the index's encoder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EncoderMismatch, InvalidOption, InvalidQuery, WeightsMismatch
+from ..store import group_name
+from .index import SearchIndex, open_index
+
+log = logging.getLogger(__name__)
+
+
+def parse_patch(text: str) -> tuple[str, int, int]:
+    """``SLIDE_ID:ROW,COL`` -> (slide_id, row, col). The last ``:`` splits, so ids may hold one."""
+    slide_id, sep, cell = str(text).rpartition(":")
+    parts = cell.split(",")
+    try:
+        if not sep or not slide_id or len(parts) != 2:
+            raise ValueError
+        row, col = int(parts[0]), int(parts[1])
+        if row < 0 or col < 0:
+            raise ValueError
+    except ValueError:
+        raise InvalidQuery(f"--patch {text!r}: expected SLIDE_ID:ROW,COL with ROW and COL cell numbers "
+                           "from 0 (e.g. --patch slide_01:12,40)") from None
+    return slide_id, row, col
+
+
+def search(index_dir: str | os.PathLike | SearchIndex, *, slide: str | None = None,
+           patch: tuple[str, int, int] | str | None = None, image: str | os.PathLike | None = None,
+           embedding: np.ndarray | None = None, encoder: str | None = None, top_k: int = 10,
+           weights: str | None = None, montage: str | os.PathLike | None = None) -> dict:
+    """The ``top_k`` nearest slides (``slide=``) or patches (``patch=(slide_id, row, col)`` or
+    ``"ID:ROW,COL"``, ``image=PNG``, or ``embedding=`` a vector made with ``encoder``), as
+    ``{"query": {...}, "hits": [{"slide_id", "row", "col", "x", "y", "distance"}, ...]}``, nearest
+    first. Slide hits carry ``slide_id`` and ``distance`` only. The distance is the cosine distance,
+    1 - cos, of L2-normalised embeddings. The query itself is never a hit; the other cells of its
+    slide may be. ``weights`` overrides where an image query finds the encoder's weights (they must
+    be the ones the stores were made with). ``montage`` draws the query beside its hits to a PNG."""
+    given = [name for name, v in (("--slide", slide), ("--patch", patch), ("--image", image),
+                                  ("embedding", embedding)) if v is not None]
+    if len(given) != 1:
+        raise InvalidQuery(f"give exactly one query: --slide ID, --patch ID:ROW,COL or --image PNG "
+                           f"({'got ' + ', '.join(given) if given else 'none given'})")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise InvalidOption(f"--top-k must be a whole number of at least 1, got {top_k!r}")
+    index = index_dir if isinstance(index_dir, SearchIndex) else open_index(index_dir)
+    picture = None
+    if slide is not None:
+        number = index.slide_number(str(slide))
+        hits = [{"slide_id": index.slides[i]["slide_id"], "distance": d}
+                for i, d in index.nearest_slides(index.slide_vectors[number], top_k, exclude=number)]
+        result = {"query": {"kind": "slide", "slide_id": str(slide)}, "hits": hits}
+    else:
+        exclude = None
+        if patch is not None:
+            slide_id, row, col = parse_patch(patch) if isinstance(patch, str) else patch
+            exclude = index.cell_number(str(slide_id), int(row), int(col))
+            vector = index.patch_vector(exclude)
+            query = {"kind": "patch", **index.patch(exclude)}
+        elif image is not None:
+            pixels = read_image(image)
+            vector = embed_image(index, pixels, weights=weights)
+            picture = pixels
+            query = {"kind": "image", "image": str(image), "width": pixels.shape[1], "height": pixels.shape[0]}
+        else:
+            vector = check_embedding(index, embedding, encoder)
+            query = {"kind": "embedding", "encoder": encoder}
+        hits = [{**index.patch(i), "distance": d} for i, d in index.nearest_patches(vector, top_k, exclude)]
+        result = {"query": query, "hits": hits}
+    if montage is not None:
+        from .montage import draw_montage
+
+        draw_montage(index, result, Path(montage), query_image=picture)
+    return result
+
+
+def check_embedding(index: SearchIndex, embedding, encoder: str | None) -> np.ndarray:
+    """A query vector made elsewhere: it must come from the index's encoder, with its dim."""
+    if encoder is None or group_name(encoder) != index.manifest["group"]:
+        raise EncoderMismatch(f"{index.path}: the query was embedded with {encoder or 'an unnamed encoder'}, "
+                              f"this index holds {index.encoder}; embed the query with {index.encoder} "
+                              "(and name it), or use that encoder's index")
+    vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
+    if vector.shape[0] != index.dim or not np.isfinite(vector).all():
+        raise EncoderMismatch(f"{index.path}: the query embedding has {vector.shape[0]} values"
+                              f"{'' if np.isfinite(vector).all() else ' (not all finite)'}, "
+                              f"{index.encoder} gives {index.dim}; embed it with {index.encoder}")
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """(h, w, 3) uint8 RGB of an image file; alpha is composited on white (the glass)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidQuery(f"{path}: no such image; give the path of a PNG patch")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(white, rgba)
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InvalidQuery(f"{path}: not a readable image ({type(exc).__name__}); give a PNG patch") from None
+
+
+def _weights_spec(enc: dict, weights: str | None) -> str:
+    if weights:
+        return weights
+    if enc.get("weights_random"):
+        return "random"  # seeded: the same random weights as the stores'
+    path = enc.get("weights_path")
+    if path and Path(path).is_file():
+        return str(path)
+    return "auto"
+
+
+def load_index_encoder(index: SearchIndex, weights: str | None = None):
+    """The index's encoder with the weights its stores were made with, or :class:`WeightsMismatch`."""
+    from ..encoders import load_encoder
+
+    enc = index.manifest["encoder_attrs"]
+    encoder = load_encoder(index.encoder, _weights_spec(enc, weights))
+    have = encoder.weights
+    if bool(enc.get("weights_random")) != have.random:
+        made = "random weights" if enc.get("weights_random") else "real weights"
+        raise WeightsMismatch(f"{index.path}: its stores were embedded with {made} of {index.encoder}, the "
+                              f"weights found are {'random' if have.random else have.path}; pass --weights "
+                              "with the weights the stores were made with")
+    recorded = enc.get("weights_sha256")
+    if not have.random and (recorded is None or recorded != have.sha256):
+        raise WeightsMismatch(
+            f"{index.path}: its stores were embedded with {index.encoder} weights sha256 "
+            f"{str(recorded)[:12]}, the weights found ({have.path or have.spec}) have sha256 {str(have.sha256)[:12]}; "
+            "pass --weights with the file the stores were made with")
+    return encoder
+
+
+def embed_image(index: SearchIndex, pixels: np.ndarray, *, weights: str | None = None) -> np.ndarray:
+    """Embed an RGB patch as ``wsi-embed embed`` embeds a cell: the image stands for one patch at the
+    index's resolution, so it is resized (antialiased) to the stores' patch size when it differs,
+    then goes through the encoder runner (resize to the encoder's input, its mean/std), on the CPU in
+    fp32. Returns the L2-normalised vector."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..infer import EncoderRunner
+
+    enc = index.manifest["encoder_attrs"]
+    encoder = load_index_encoder(index, weights)
+    if [round(v, 8) for v in encoder.config.mean] != [round(v, 8) for v in enc.get("mean", encoder.config.mean)] \
+            or [round(v, 8) for v in encoder.config.std] != [round(v, 8) for v in enc.get("std", encoder.config.std)]:
+        raise WeightsMismatch(f"{index.path}: {index.encoder} now normalises with mean/std {encoder.config.mean}/"
+                              f"{encoder.config.std}, the stores used {enc.get('mean')}/{enc.get('std')}; "
+                              "rebuild the stores with this version, or search with the version that made them")
+    patch_px = int(index.manifest["grid"]["patch_px"])
+    h, w = pixels.shape[:2]
+    if max(h, w) > 1.15 * min(h, w):
+        log.warning("%s: the image is %d x %d px, not square; it is stretched to a %d px patch",
+                    index.path, w, h, patch_px)
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True))[None]  # torch wants it writable
+    if (h, w) != (patch_px, patch_px):
+        x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(patch_px, patch_px), mode="bilinear",
+                          antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # a patch is uint8
+    runner = EncoderRunner(encoder, torch.device("cpu"), "fp32")
+    vector = runner(x)[0].numpy().astype(np.float32)
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
+
+
+def format_table(result: dict) -> str:
+    """The result as a readable table, for the terminal."""
+    q = result["query"]
+    if q["kind"] == "slide":
+        head = f"query: slide {q['slide_id']}"
+    elif q["kind"] == "patch":
+        head = f"query: patch {q['slide_id']} row {q['row']} col {q['col']} (level-0 x {q['x']}, y {q['y']})"
+    elif q["kind"] == "image":
+        head = f"query: image {q['image']} ({q['width']} x {q['height']} px)"
+    else:
+        head = f"query: embedding ({q.get('encoder')})"
+    lines = [head + "; distance = 1 - cosine similarity"]
+    hits = result["hits"]
+    width = max([len("slide_id")] + [len(h["slide_id"]) for h in hits])
+    if q["kind"] == "slide":
+        lines.append(f"{'rank':>4}  {'slide_id':<{width}}  {'distance':>8}")
+        lines += [f"{i:>4}  {h['slide_id']:<{width}}  {h['distance']:>8.4f}" for i, h in enumerate(hits, 1)]
+    else:
+        lines.append(f"{'rank':>4}  {'slide_id':<{width}}  {'row':>5}  {'col':>5}  {'x':>7}  {'y':>7}  {'distance':>8}")
+        lines += [f"{i:>4}  {h['slide_id']:<{width}}  {h['row']:>5}  {h['col']:>5}  {h['x']:>7}  {h['y']:>7}  "
+                  f"{h['distance']:>8.4f}" for i, h in enumerate(hits, 1)]
+    if not hits:
+        lines.append("(no hits: the index holds nothing else)")
+    return "\n".join(lines)
