@@ -79,3 +79,28 @@ class LockLost(WsiEmbedError, RuntimeError):
 
 class StoreWriteError(WsiEmbedError, OSError):
     """A slide's store or picture could not be written (full disk, quota, name too long)."""
+
+
+class LabelsError(WsiEmbedError, ValueError):
+    """A labels table that cannot be used: a missing column, one class, a patient in two folds."""
+
+
+class EncoderMismatch(WsiEmbedError, ValueError):
+    """Stores whose embeddings cannot go together: one lacks the encoder, or dims differ."""
+
+
+class IndexNotFound(WsiEmbedError, FileNotFoundError):
+    """No search index (``index-<encoder>/index.json``) where one was named; wsi-embed index builds it."""
+
+
+class InvalidQuery(WsiEmbedError, ValueError):
+    """A search query that is malformed or names no indexed slide or embedded cell."""
+
+
+class BadMask(WsiEmbedError, ValueError):
+    """A user tissue mask or annotation file that cannot be used for its slide (unreadable, wrong
+    aspect ratio, empty polygon, coordinates outside the slide); only that slide fails."""
+
+
+class MaskNotFound(BadMask, FileNotFoundError):
+    """A tissue mask or annotation file (or a folder's ``<slide_id>`` file) that is not there."""
