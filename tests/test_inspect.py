@@ -1,0 +1,57 @@
+"""``wsi-embed inspect STORE``: what a store holds, and its consistency check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from tests.conftest import run_cli
+
+
+def test_inspect_json_keys(planted_cohort):
+    store = planted_cohort["out"] / "planted_001.zarr"
+    done = run_cli("inspect", str(store), "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert list(info) == ["slide", "grid", "tissue", "encoders", "consistency"]
+    assert info["slide"]["slide_id"] == "planted_001" and info["slide"]["mpp"] == 0.5
+    assert info["slide"]["mpp_source"] == "metadata"
+    assert info["grid"]["patch_px"] == 224 and info["grid"]["rows"] * info["grid"]["cols"] > 0
+    assert info["tissue"]["area_mm2"] > 0 and info["tissue"]["cells_embedded"] > 0
+    enc = info["encoders"]
+    assert isinstance(enc, list) and len(enc) == 1
+    assert enc[0]["name"] == "timm:test_vit" and enc[0]["dim"] == 64 and enc[0]["dtype"] == "float16"
+    assert enc[0]["weights_random"] is True and enc[0]["precision"] == "fp32" and enc[0]["decoder"]
+    assert enc[0]["cells"] == info["tissue"]["cells_embedded"]
+    c = info["consistency"]
+    assert c["ok"] and c["finite_inside_mask"] and c["nan_outside_mask"] and c["complete"] and not c["problems"]
+
+
+def test_inspect_text(planted_cohort):
+    done = run_cli("inspect", str(planted_cohort["out"] / "planted_000.zarr"))
+    assert done.returncode == 0, done.stderr
+    for text in ("µm/px (metadata)", "cells embedded", "dim 64", "weights RANDOM", "consistency  ok"):
+        assert text in done.stdout, text
+
+
+def test_deleted_chunk_is_inconsistent(planted_cohort, tmp_path):
+    store = tmp_path / "planted_001.zarr"
+    shutil.copytree(planted_cohort["out"] / "planted_001.zarr", store)
+    (store / "timm-test_vit" / "embeddings" / "c" / "0" / "0" / "0").unlink()
+    done = run_cli("inspect", str(store), "--json")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    c = json.loads(done.stdout)["consistency"]
+    assert c["ok"] is False and c["finite_inside_mask"] is False and c["nan_outside_mask"] is True
+    assert c["complete"] is True  # the flag is set: the damage is in the chunks
+    assert any("no finite embedding" in p["what"] for p in c["problems"])
+    assert "--repair" in c["fix"]
+    text = run_cli("inspect", str(store))
+    assert text.returncode == 1 and "INCONSISTENT" in text.stdout and "Traceback" not in text.stderr
+
+
+def test_not_a_store(tmp_path):
+    done = run_cli("inspect", str(tmp_path))
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ") and "not a wsi-embed store" in done.stderr
+    assert "Traceback" not in done.stderr

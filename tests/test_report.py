@@ -1,0 +1,162 @@
+"""``report.html`` in a real headless Chromium (DevTools protocol): it renders, logs no errors, its
+pictures resolve, sorting and filtering work, and 2,000 slides stay fast."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.browser import CHROMIUM, Browser
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed (.ci/run installs it)")
+
+FAILED_ERROR = ("/data/broken.svs: not a readable slide (truncated TIFF); re-copy the file or remove it from "
+                "the list")
+
+
+@pytest.fixture(scope="module")
+def report_dir(planted_cohort, tmp_path_factory) -> Path:
+    """The planted cohort's output, plus a failed slide in the manifest and an attention heatmap."""
+    root = tmp_path_factory.mktemp("report")
+    out = root / "out"
+    shutil.copytree(planted_cohort["out"], out)
+    with (out / "manifest.csv").open("a", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerow(
+            ["2026-01-01T00:00:00+0000", "h", 1, "/data/broken.svs", "broken", "failed", FAILED_ERROR, "", 0, 0.1,
+             "timm:test_vit", ""])
+    attention = root / "mil" / "attention"
+    attention.mkdir(parents=True)
+    shutil.copy(out / "planted_001.timm-test_vit.map.png", attention / "planted_001.attention.png")
+    done = run_cli("report", str(out), "--attention", str(root / "mil"))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _rows(b: Browser) -> list[dict]:
+    return b.evaluate("""Array.from(document.querySelectorAll('#slides-table tbody tr')).filter(r => !r.hidden)
+        .map(r => ({id: r.cells[0].dataset.v, status: r.dataset.status, cells: r.cells[3].dataset.v}))""")
+
+
+def test_renders_without_errors(report_dir):
+    with Browser() as b:
+        b.open(report_dir / "report.html")
+        b.settle(0.5)
+        shot = Image.open(io.BytesIO(b.screenshot())).convert("RGB")
+        assert b.errors == []
+        grey = np.asarray(shot.convert("L"), float)
+        assert grey.std() > 20 and len(np.unique(np.asarray(shot).reshape(-1, 3), axis=0)) > 200  # text, thumbnails: not blank
+        assert b.evaluate("document.querySelector('#failures').compareDocumentPosition("
+                          "document.querySelector('#slides-table')) & Node.DOCUMENT_POSITION_FOLLOWING") > 0
+        failures = b.evaluate("document.querySelector('#failures').innerText")
+        assert "broken" in failures and "fix: re-copy the file or remove it from the list" in failures
+        rows = _rows(b)
+        assert rows[0]["status"] == "failed" and len(rows) == 9
+        summary = b.evaluate("document.querySelector('#summary').innerText")
+        for text in ("9: 8 done, 0 skipped", "failed", "patches/s", "machine", "cores"):
+            assert text in summary, text
+        assert b.evaluate("document.querySelectorAll('img[loading=lazy]').length") == \
+            b.evaluate("document.querySelectorAll('img').length") > 0
+
+
+def test_every_picture_resolves(report_dir):
+    with Browser() as b:
+        b.open(report_dir / "report.html")
+        links = b.evaluate("Array.from(document.querySelectorAll('img[src], a[href]'))"
+                           ".map(e => e.getAttribute('src') || e.getAttribute('href'))")
+        assert len(links) >= 8 * 2 * 2 + 2  # QC and map, img and link, each slide; the attention heatmap
+        for link in links:
+            assert (report_dir / unquote(link)).resolve().is_file(), link
+        assert any("attention" in link for link in links)
+        # and the browser itself loads every one of them
+        b.evaluate("document.querySelectorAll('img').forEach(i => i.loading = 'eager')")
+        b.evaluate("""Promise.all(Array.from(document.images).map(i => i.complete ? 0 :
+            new Promise(r => { i.onload = i.onerror = r; })))""", await_promise=True)
+        assert b.evaluate("Array.from(document.images).filter(i => !(i.naturalWidth > 0)).length") == 0
+        assert b.errors == []
+
+
+def test_sort_and_filter(report_dir):
+    with Browser() as b:
+        b.open(report_dir / "report.html")
+        b.evaluate("document.querySelectorAll('#slides-table th')[3].click()")  # cells, ascending
+        cells = [float(r["cells"]) if r["cells"] else -np.inf for r in _rows(b)]
+        assert cells == sorted(cells) and len(set(cells)) > 2
+        b.evaluate("document.querySelectorAll('#slides-table th')[3].click()")  # descending
+        cells = [float(r["cells"]) if r["cells"] else -np.inf for r in _rows(b)]
+        assert cells == sorted(cells, reverse=True)
+        b.evaluate("document.querySelectorAll('#slides-table th')[0].click()")  # slide id
+        ids = [r["id"] for r in _rows(b)]
+        assert ids == sorted(ids)
+        b.evaluate("var f = document.getElementById('filter'); f.value = 'planted_00'; "
+                   "f.dispatchEvent(new Event('input'))")
+        assert [r["id"] for r in _rows(b)] == [f"planted_{i:03d}" for i in range(8)]
+        b.evaluate("f.value = 'planted_003'; f.dispatchEvent(new Event('input'))")
+        assert [r["id"] for r in _rows(b)] == ["planted_003"]
+        b.evaluate("f.value = ''; f.dispatchEvent(new Event('input')); var s = document.getElementById('status');"
+                   "s.value = 'failed'; s.dispatchEvent(new Event('change'))")
+        assert [r["id"] for r in _rows(b)] == ["broken"]
+        assert "1 of 9 slides shown" in b.evaluate("document.getElementById('shown').textContent")
+        assert b.errors == []
+
+
+def test_errors_are_caught(report_dir, tmp_path):
+    """The negative case: a console error and a picture that is gone are both seen."""
+    out = tmp_path / "out"
+    shutil.copytree(report_dir, out, ignore=shutil.ignore_patterns("*.zarr"))
+    (out / "planted_000.qc.png").unlink()  # the first done row: on screen, so it loads
+    page = (out / "report.html").read_text().replace("</body>", "<script>console.error('planted error')</script></body>")
+    (out / "report.html").write_text(page)
+    with Browser() as b:
+        b.open(out / "report.html")
+        b.settle(0.5)
+    assert any("planted error" in e for e in b.errors), b.errors
+    assert any("ERR_FILE_NOT_FOUND" in e for e in b.errors), b.errors
+
+
+def test_two_thousand_slides(report_dir, tmp_path):
+    """A 2,000-slide folder (synthetic manifest rows, the real pictures linked under each id):
+    writing and opening the report stay fast."""
+    from wsi_embed.report import write_report
+
+    out = tmp_path / "big"
+    out.mkdir()
+    pictures = {kind: report_dir / f"planted_001.{kind}" for kind in ("qc.png", "timm-test_vit.map.png")}
+    with (out / "manifest.csv").open("w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["timestamp", "host", "pid", "path", "slide_id", "status", "error", "note", "cells", "seconds",
+                    "encoders", "store"])
+        for i in range(2000):
+            sid = f"slide_{i:04d}"
+            failed = i % 97 == 5
+            w.writerow(["2026-01-01T00:00:00+0000", "h", 1, f"/data/{sid}.svs", sid, "failed" if failed else "done",
+                        FAILED_ERROR.replace("broken", sid) if failed else "", "", 0 if failed else 1000 + i,
+                        1.5, "timm:test_vit", ""])
+            if not failed:
+                for kind, src in pictures.items():
+                    os.link(src, out / f"{sid}.{kind}")
+    start = time.perf_counter()
+    path = write_report(out)
+    write_s = time.perf_counter() - start
+    with Browser() as b:
+        open_s = b.open(path)
+        n = b.evaluate("document.querySelectorAll('#slides-table tbody tr').length")
+        start = time.perf_counter()
+        b.evaluate("document.querySelectorAll('#slides-table th')[3].click()")
+        sort_s = time.perf_counter() - start
+        b.settle(0.5)
+        assert b.errors == []
+    assert n == 2000
+    size_mb = path.stat().st_size / 2**20
+    print(f"\n2,000-slide report: written in {write_s:.2f} s ({size_mb:.1f} MB), opened (load event) in "
+          f"{open_s:.2f} s, sorted in {sort_s:.2f} s")
+    assert write_s < 10 and open_s < 15 and sort_s < 5
