@@ -301,3 +301,18 @@ def test_train_abmil_learns_the_planted_signal(cohort, tmp_path):
             share = planted.sum() / mask.sum()
             assert att[planted].sum() > max(0.8, 2 * share)
 
+
+
+def test_train_abmil_stays_near_chance_on_labels_unrelated_to_the_signal(cohort, tmp_path):
+    """Labels given per patient, each patient holding one planted and one plain slide: nothing in the
+    embeddings predicts them, and the recipe must not find something anyway."""
+    rows = [[r["slide_id"], int(r["patient_id"] < "patient_02"), r["patient_id"]] for r in cohort["slides"]]
+    labels = write_csv(tmp_path / "unrelated.csv", ["slide_id", "label", "patient_id"], rows)
+    done = subprocess.run([sys.executable, "workflows/train_abmil.py", "--stores", str(cohort["out"]),
+                           "--labels", str(labels), "--encoder", cohort["encoder"], "--folds", "2",
+                           "--epochs", "15", "--lr", "1e-3", "--out", str(tmp_path / "abmil")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # the planted labels reach 1.0 with the same settings; these: 0.625 for seeds 0-2 (2-core VM)
+    assert result["auc_mean"] <= 0.75
