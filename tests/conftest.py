@@ -86,7 +86,9 @@ def planted_cohort(tmp_path_factory, sample_slide) -> dict:
         for row in rows:
             writer.writerow([row["slide_id"], row["label"], row["patient_id"]])
     out = root / "out"
+    # --pen-marks keep: the planted region is recoloured green, which the pen-mark detector rightly
+    # takes for marker ink; here it stands for a stain, so it must stay tissue
     done = run_cli("embed", str(root / "slides"), "--out", str(out), "--model", "timm:test_vit",
-                   "--weights", "random", "--workers", "0", "--batch-size", "32")
+                   "--weights", "random", "--workers", "0", "--batch-size", "32", "--pen-marks", "keep")
     assert done.returncode == 0, done.stderr
     return {"slides": rows, "labels": labels, "out": out, "encoder": "timm:test_vit"}

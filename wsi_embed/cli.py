@@ -112,6 +112,23 @@ def embed(
     patch_size: int = typer.Option(224, help="Patch side in pixels at the target resolution."),
     stride: Optional[int] = typer.Option(None, help="Grid step in pixels at the target resolution (default: patch size)."),
     min_tissue: float = typer.Option(0.25, help="Embed cells whose tissue fraction is at least this."),
+    pen_marks: str = typer.Option("remove", help="Marker ink (blue, green, red, black): remove it from the tissue, "
+                                                 "or keep it (still measured and drawn on the QC picture)."),
+    tissue_mask: Optional[Path] = typer.Option(
+        None, help="Binary PNG/TIFF mask (any scale, non-zero = tissue) replacing tissue detection, or a folder "
+                   "of <slide_id>.png|.tif|.tiff. A --list column tissue_mask wins."),
+    annotations: Optional[Path] = typer.Option(
+        None, help="GeoJSON (QuPath, TRIDENT; level-0 px), or a folder of <slide_id>.geojson|.json: embed only "
+                   "cells whose centre is inside a polygon. A --list column annotations wins."),
+    annotation_classes: Optional[str] = typer.Option(
+        None, help="Keep only annotations of these classes, comma-separated (e.g. tumor,stroma; any case)."),
+    drop_blank: bool = typer.Option(False, "--drop-blank", help="Drop near-uniform cells (grey-level std under "
+                                                                "--blank-threshold)."),
+    drop_blurry: bool = typer.Option(False, "--drop-blurry", help="Drop out-of-focus cells (Laplacian variance "
+                                                                  "under --blur-threshold)."),
+    blank_threshold: float = typer.Option(8.0, help="Grey-level std (0-255) under which a cell is blank."),
+    blur_threshold: float = typer.Option(50.0, help="Laplacian variance (grey 0-255, at the level read) under "
+                                                    "which a cell is blurry."),
     slide_mpp: Optional[float] = typer.Option(
         None, help="The slides' resolution in µm/px; overrides what the files say (0.05-100)."),
     backend: str = typer.Option("auto", help="auto | openslide | tiffslide"),
@@ -146,6 +163,10 @@ def embed(
                    "whole 40x resection; more means a wrong resolution tag)."),
     verify: bool = typer.Option(
         False, "--verify", help="Check the embeddings of complete stores before skipping them; redo damaged ones."),
+    maps: bool = typer.Option(
+        True, "--maps/--no-maps", help="After the run, draw <slide_id>.<encoder>.map.png (PCA of the embeddings as RGB, fitted on this run's slides)."),
+    clusters: Optional[int] = typer.Option(
+        None, "--clusters", min=2, max=20, help="Also draw <slide_id>.<encoder>.clusters.png: k-means with K clusters (2-20)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Embed slides: tissue detection, grid at --mpp, encoder, one Zarr store and QC picture per slide.
@@ -160,6 +181,7 @@ def embed(
     from .grid import GridSpec
     from .jobs import DEFAULT_MAX_CELLS, EmbedOptions, check_models
     from .slide import check_slide_mpp
+    from .tissue import TissueParams
 
     created_out = not out.exists()
     try:
@@ -167,7 +189,13 @@ def embed(
             grid=GridSpec(mpp=mpp, patch_px=patch_size, stride_px=stride), min_tissue=min_tissue,
             backend=backend, dtype=dtype, workers=workers, batch_size=batch_size, device=device,
             precision=precision, compile=compile, overwrite=overwrite, lock_stale_after=lock_stale_after,
-            max_cells=DEFAULT_MAX_CELLS if max_cells is None else max_cells, verify=verify, decode=decode)
+            max_cells=DEFAULT_MAX_CELLS if max_cells is None else max_cells, verify=verify, decode=decode,
+            tissue=TissueParams(pen_marks=pen_marks),
+            tissue_mask=str(tissue_mask) if tissue_mask else None,
+            annotations=str(annotations) if annotations else None,
+            annotation_classes=tuple(c.strip() for c in annotation_classes.split(",") if c.strip())
+            if annotation_classes is not None else None, drop_blank=drop_blank, drop_blurry=drop_blurry,
+            blank_threshold=blank_threshold, blur_threshold=blur_threshold)
         models_ = [m.strip() for m in model.split(",") if m.strip()]
         if not models_:
             _fail(f"--model {model!r} names no model; see `wsi-embed models`")
@@ -210,6 +238,11 @@ def embed(
         if created_out:  # a run that stopped before any slide leaves no empty --out behind
             _remove_if_empty(out)
         _fail(str(exc), EXIT_WEIGHTS_UNAVAILABLE if isinstance(exc, WeightsUnavailable) else EXIT_FAILED)
+    from .report import finish_run
+
+    extras = finish_run(out, summary, maps=maps, clusters=clusters)  # never fails the run: warnings only
+    if extras.report is not None:
+        typer.echo(f"report: {extras.report}")
     typer.echo(f"summary: {summary.line()}; manifest {summary.manifest}")
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
@@ -235,6 +268,29 @@ def _result_lines(result) -> list[str]:
     if result.qc:
         lines.append(f"        qc    {result.qc}")
     return lines
+
+
+@app.command()
+def export(
+    out: Path = typer.Argument(..., help="Output folder of wsi-embed embed (its *.zarr stores)."),
+    format: str = typer.Option(..., "--format", help="trident | clam | stamp"),
+    encoder: str = typer.Option(..., "--encoder", help="Model name (timm:test_vit) or group name (timm-test_vit)."),
+    to: Path = typer.Option(..., "--to", help="Folder to write the export into."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Write complete stores in the layouts TRIDENT, CLAM or STAMP read. One line per slide and a
+    summary; current files are skipped; exit status 1 when a slide failed."""
+    _setup_logging(verbose)
+    from .export import export as run_export
+
+    try:
+        summary = run_export(out, format=format, encoder=encoder, to=to,
+                             on_result=lambda r: typer.echo(r.line()))
+    except WsiEmbedError as exc:
+        _fail(str(exc))
+    typer.echo(f"summary: {summary.line()}")
+    if summary.exit_code:
+        raise typer.Exit(summary.exit_code)
 
 
 @app.command()
@@ -277,6 +333,53 @@ def bench(
         if key != "machine":
             typer.echo(f"{key:<28} {value}")
     typer.echo(f"{'machine':<28} {json.dumps(result['machine'])}")
+
+
+@app.command()
+def index(
+    out: Path = typer.Argument(..., help="Output folder of stores (the one passed to embed --out)."),
+    encoder: str = typer.Option(..., "--encoder", "-e", help="Encoder to index (model name, or its group name)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Build <OUT>/index-<encoder>/: a slide index and a patch index over every embedded cell, for
+    wsi-embed search. Prints the index path."""
+    _setup_logging(verbose)
+    from .search import build_index
+
+    try:
+        path = build_index(out, encoder)
+    except WsiEmbedError as exc:
+        _fail(str(exc))
+    typer.echo(str(path))
+
+
+@app.command()
+def search(
+    index_dir: Path = typer.Argument(..., metavar="INDEX", help="An index folder made by wsi-embed index."),
+    slide: Optional[str] = typer.Option(None, "--slide", help="Nearest slides to this slide id."),
+    patch: Optional[str] = typer.Option(None, "--patch", help="Nearest patches to this cell: SLIDE_ID:ROW,COL."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Nearest patches to this PNG patch."),
+    top_k: int = typer.Option(10, "--top-k", help="Number of hits."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    montage: Optional[Path] = typer.Option(None, "--montage", help="Draw the query beside its hits to this PNG."),
+    weights: Optional[str] = typer.Option(
+        None, help="For --image: where the stores' weights are now (default: as recorded in the index)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Nearest slides (--slide) or patches (--patch, --image), by cosine distance (1 - cos), nearest
+    first. The query itself is never a hit."""
+    _setup_logging(verbose)
+    from .search import format_table
+    from .search import search as run_search
+
+    try:
+        result = run_search(index_dir, slide=slide, patch=patch, image=image, top_k=top_k, weights=weights,
+                            montage=montage)
+    except WsiEmbedError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(result) if as_json else format_table(result))
+    if montage is not None and not as_json:
+        typer.echo(f"montage {montage}")
 
 
 @app.command()
@@ -339,6 +442,66 @@ def verify(
         typer.echo(f"summary: {line}")
     if n_damaged:
         raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    store: Path = typer.Argument(..., help="A store, <out>/<slide_id>.zarr."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (keys slide, grid, tissue, encoders, consistency)."),
+    maps: bool = typer.Option(False, "--maps", help="Also draw the store's embedding maps beside it (PCA fitted on this slide)."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", min=2, max=20, help="With --maps: also the k-means cluster map."),
+):
+    """One store: slide, mpp and its source, grid, tissue, encoders (dim, dtype, weights, precision,
+    decoder) and a consistency check (finite inside the mask, NaN outside, complete). Exit status 1
+    when it is inconsistent."""
+    _setup_logging(False)
+    from .inspect import inspect_lines, inspect_store
+
+    try:
+        info = inspect_store(store)
+        drawn = []
+        if maps and info["consistency"]["ok"]:
+            from .maps import write_maps
+
+            result = write_maps([store], clusters=clusters, cohort=False)
+            drawn = [str(p) for p in result.written]
+            for problem in result.problems:
+                typer.echo(f"warning: {problem}", err=True)
+    except WsiEmbedError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({**info, **({"maps": drawn} if maps else {})}, indent=2))
+    else:
+        for line in inspect_lines(info):
+            typer.echo(line)
+        for path in drawn:
+            typer.echo(f"map          {path}")
+    if not info["consistency"]["ok"]:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def report(
+    out: Path = typer.Argument(..., help="An output folder of wsi-embed embed."),
+    attention: Optional[Path] = typer.Option(
+        None, help="Folder of workflows/train_abmil.py output (its attention/<slide_id>.attention.png are shown)."),
+    maps: bool = typer.Option(False, "--maps", help="First redraw every store's maps, one PCA per encoder fitted on the whole folder."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", min=2, max=20, help="With the maps: k-means cluster maps too."),
+):
+    """Write <out>/report.html: summary, failures with their fixes, a sortable, filterable table of
+    slides with their QC pictures, maps and attention heatmaps. Self-contained; no network."""
+    _setup_logging(False)
+    from .report import rebuild
+
+    try:
+        extras = rebuild(out, maps=maps, clusters=clusters, attention=attention)
+    except WsiEmbedError as exc:
+        _fail(str(exc))
+    for text in extras.warnings:
+        typer.echo(f"warning: {text}", err=True)
+    if extras.maps:
+        typer.echo(f"maps: {len(extras.maps)} written")
+    typer.echo(f"report: {extras.report}")
 
 
 def _terminated(signum, frame) -> None:

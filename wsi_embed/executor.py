@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import artefacts
 from .errors import LockLost, SlideChanged, StoreWriteError, WsiEmbedError
 from .grid import Grid
 from .infer import DeviceClock
@@ -66,6 +67,7 @@ class SlideRun:
     writes: list = field(default_factory=list)  # writer-thread futures of this slide's blocks
     fingerprint: str | None = None  # of the slide file when it was prepared; checked again at commit
     decoders: object | None = None  # decode.DecoderTally: which decoders made the patches
+    artefacts: object | None = None  # artefacts.Tally: per-cell blank/blur measures, on the device
 
 
 @dataclass
@@ -144,6 +146,7 @@ class Executor:
     def add(self, run: SlideRun, region: int, patches: torch.Tensor) -> list[SlideResult]:
         if run.failed:
             return self._ready()
+        artefacts.measure(run, region, patches)  # hook: blank/blur measures of the uint8 patches
         if self._pending and self._pending[0][0].shape[1:] != patches.shape[1:]:
             self._launch(self._pending_rows)  # another read size: a batch holds one size only
         self._pending.append((patches, run, region))
@@ -285,6 +288,7 @@ class Executor:
             raise LockLost(f"{run.job.path}: another process took over {run.lock.path}; "
                            "this run's copy is discarded (raise --lock-stale-after if hosts are slow)")
         try:
+            artefacts.finalise(run, self.opts)  # hook: measures stored, blank/blurry cells dropped
             for group in run.groups.values():
                 if run.decoders is not None:  # known only now: a tile may have fallen back
                     group.group.attrs.update({"encoder": {**group.group.attrs["encoder"], **run.decoders.attrs()}})

@@ -49,7 +49,8 @@ import numpy as np
 
 from . import __version__
 from .errors import InvalidOption, WsiEmbedError
-from .store import TMP_MARK, _owner_gone, _tmp_suffix, completed_encoders, group_name, open_store
+from .atomic import TMP_MARK, owner_gone, write_atomic
+from .store import completed_encoders, group_name, open_store
 from .verify import find_stores
 
 log = logging.getLogger(__name__)
@@ -123,18 +124,6 @@ class ExportSummary:
 
 
 # -- atomic files -----------------------------------------------------------------------------------
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` then rename onto ``path``; a failed or interrupted write leaves nothing."""
-    tmp = path.with_name(f".{path.name}{_tmp_suffix()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _atomic_h5(path: Path, fill: Callable, source: str) -> Path:
     import h5py
 
@@ -144,13 +133,13 @@ def _atomic_h5(path: Path, fill: Callable, source: str) -> Path:
             f.attrs[SOURCE_ATTR] = source
             f.attrs["wsi_embed_version"] = __version__
 
-    return _atomic(path, write)
+    return write_atomic(path, write)
 
 
 def _atomic_pt(path: Path, features: np.ndarray) -> Path:
     import torch
 
-    return _atomic(path, lambda tmp: torch.save(torch.from_numpy(features), tmp))
+    return write_atomic(path, lambda tmp: torch.save(torch.from_numpy(features), tmp))
 
 
 def _current(path: Path, source: str) -> bool:
@@ -172,7 +161,7 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
     removed = []
     if directory.is_dir():
         for path in directory.glob(f".*{TMP_MARK}*"):
-            if path.is_file() and _owner_gone(path.name):
+            if path.is_file() and owner_gone(path.name):
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .artefacts import BLANK_THRESHOLD, BLUR_THRESHOLD
 from .errors import InvalidOption
 from .grid import GridSpec
 from .locks import DEFAULT_STALE_AFTER
@@ -42,6 +43,14 @@ class EmbedOptions:
     verify: bool = False  # check the embeddings of complete stores before skipping them
     qc: bool = True
     lock_stale_after: float = DEFAULT_STALE_AFTER  # s before another host's unrefreshed lock is stale
+    # tissue you can trust (wsi_embed.masks, wsi_embed.artefacts); a SlideJob's own paths win
+    tissue_mask: str | None = None  # binary PNG/TIFF, or a folder of <slide_id>.png|.tif|.tiff
+    annotations: str | None = None  # GeoJSON, or a folder of <slide_id>.geojson|.json
+    annotation_classes: tuple[str, ...] | None = None  # keep only these classes (any case)
+    drop_blank: bool = False
+    drop_blurry: bool = False
+    blank_threshold: float = BLANK_THRESHOLD  # grey-level std (0-255) under which a cell is blank
+    blur_threshold: float = BLUR_THRESHOLD  # Laplacian variance under which a cell is blurry
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_tissue <= 1.0:
@@ -60,6 +69,14 @@ class EmbedOptions:
             raise InvalidOption(f"unknown --decode {self.decode!r}; use one of {', '.join(DECODE_MODES)}")
         if self.max_cells < 1:
             raise InvalidOption(f"--max-cells must be at least 1, got {self.max_cells}")
+        if not self.blank_threshold >= 0 or not self.blur_threshold >= 0:
+            raise InvalidOption(f"--blank-threshold and --blur-threshold must be >= 0, got "
+                                f"{self.blank_threshold} and {self.blur_threshold}")
+        if self.annotation_classes is not None and not [c for c in self.annotation_classes if c.strip()]:
+            raise InvalidOption("--annotation-classes names no class; give e.g. tumor,stroma")
+        for flag, path in (("--tissue-mask", self.tissue_mask), ("--annotations", self.annotations)):
+            if path is not None and not Path(path).exists():
+                raise InvalidOption(f"{flag} {path}: no such file or folder; check the path")
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,8 @@ class SlideJob:
     path: Path
     slide_id: str
     slide_mpp: float | None = None  # overrides the file's resolution when given
+    tissue_mask: Path | None = None  # this slide's mask (--list column tissue_mask); wins over --tissue-mask
+    annotations: Path | None = None  # this slide's GeoJSON (--list column annotations)
 
 
 @dataclass

@@ -112,21 +112,23 @@ def _preflight(job: SlideJob, opts: EmbedOptions) -> None:
 
 def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run: SlideRun, encoders: list,
                   cancel: threading.Event):
-    plan = plan_slide(slide, mpp, opts, job.slide_id, cancel)
+    plan = plan_slide(slide, mpp, opts, job.slide_id, cancel, job=job)
     run.fingerprint = plan.info.fingerprint
     coords = plan.grid.coords()
     if cancel.is_set():
         raise Cancelled
     with _writing(job, writer.final.parent):
         writer.create(attrs=plan.attrs(), mask=plan.mask, tissue_fraction=plan.fraction, coords=coords,
-                      thumbnail=plan.thumb.image, tissue_mask=plan.tissue_mask, chunk=plan.block)
+                      thumbnail=plan.thumb.image, tissue_mask=plan.tissue_mask, chunk=plan.block,
+                      extra=plan.extra_arrays())
     if cancel.is_set():
         raise Cancelled
     if opts.qc:
         title = qc_title(job.slide_id, plan.cells, plan.grid.patch_px, plan.grid.target_mpp, opts.min_tissue,
                          [(e.config.name, e.weights.random) for e in encoders])
         run.qc_image = render_qc(plan.thumb.image, plan.tissue_mask, plan.grid, coords, plan.mask,
-                                 scale_x=plan.thumb.scale_x, scale_y=plan.thumb.scale_y, title=title)
+                                 scale_x=plan.thumb.scale_x, scale_y=plan.thumb.scale_y, title=title,
+                                 ink=plan.ink_mask)
     return plan.grid, plan.mask, plan.block
 
 

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .atomic import write_atomic
 from .grid import Grid
 
 _FONT = Path(__file__).with_name("fonts") / "DejaVuSans.ttf"  # bundled: Pillow's default lacks µ
 TISSUE_COLOUR = (0, 200, 0)
 CELL_COLOUR = (20, 60, 255)
+INK_COLOUR = (255, 140, 0)  # pen marks (orange: no marker or stain is orange)
 _MIN_SIDE, _MAX_SIDE = 1024, 2400
 
 
 def render_qc(thumbnail: np.ndarray, tissue_mask: np.ndarray, grid: Grid, coords: np.ndarray,
-              embedded: np.ndarray, *, scale_x: float, scale_y: float, title: str) -> Image.Image:
+              embedded: np.ndarray, *, scale_x: float, scale_y: float, title: str,
+              ink: np.ndarray | None = None) -> Image.Image:
     """Embedded cells tinted and outlined in blue, the tissue contour in green, a caption on top."""
     h, w = thumbnail.shape[:2]
     zoom = min(_MAX_SIDE / max(h, w, 1), max(1.0, _MIN_SIDE / max(h, w, 1)))
@@ -32,6 +34,8 @@ def render_qc(thumbnail: np.ndarray, tissue_mask: np.ndarray, grid: Grid, coords
         y0 = np.clip(np.floor(coords[rows, cols, 1] * sy).astype(int), 0, H)
         x1 = np.clip(np.floor((coords[rows, cols, 0] + grid.cell_size0) * sx).astype(int), 0, W)
         y1 = np.clip(np.floor((coords[rows, cols, 1] + grid.cell_size0) * sy).astype(int), 0, H)
+        # a cell smaller than a picture pixel still covers one: on large slides cells must not vanish
+        x1, y1 = np.maximum(x1, np.minimum(x0 + 1, W)), np.maximum(y1, np.minimum(y0 + 1, H))
         diff = np.zeros((H + 1, W + 1), dtype=np.int32)
         np.add.at(diff, (y0, x0), 1)
         np.add.at(diff, (y0, x1), -1)
@@ -43,10 +47,16 @@ def render_qc(thumbnail: np.ndarray, tissue_mask: np.ndarray, grid: Grid, coords
         edge_y = np.zeros(H, bool)
         edge_y[np.clip(np.concatenate([y0, y1 - 1]), 0, H - 1)] = True
         outline = covered & (edge_x[None, :] | edge_y[:, None])
-        overlay[covered] = CELL_COLOUR + (50,)
+        small = grid.cell_size0 * min(sx, sy) < 6  # outlining each cell would fill it: outline the region
+        if small:
+            from scipy import ndimage
+
+            outline = covered & ~ndimage.binary_erosion(covered, iterations=max(1, round(max(W, H) / 700)),
+                                                        border_value=0)
+        overlay[covered] = CELL_COLOUR + (90 if small else 50,)
         overlay[outline] = CELL_COLOUR + (220,)
     overlay = Image.fromarray(overlay, "RGBA")
-    line = max(2, round(min(W, H) / 400))
+    line = max(2, round(max(W, H) / 350))  # scaled to the picture: still seen in a report thumbnail
     # the tissue contour: mask pixels (at picture size) within `line` px of the background
     from scipy import ndimage
 
@@ -54,6 +64,10 @@ def render_qc(thumbnail: np.ndarray, tissue_mask: np.ndarray, grid: Grid, coords
     contour = big & ~ndimage.binary_erosion(big, iterations=line, border_value=0)
     overlay = np.asarray(overlay).copy()
     overlay[contour] = TISSUE_COLOUR + (255,)
+    if ink is not None and ink.any():  # pen marks filled in their own colour
+        big_ink = Image.fromarray(ink.astype(np.uint8) * 255).resize((W, H), Image.Resampling.NEAREST)
+        overlay[np.asarray(big_ink) > 0] = INK_COLOUR + (170,)
+        title += "; pen ink (orange)"
     overlay = Image.fromarray(overlay, "RGBA")
     picture = Image.alpha_composite(base, overlay).convert("RGB")
     return _with_caption(picture, title)
@@ -114,17 +128,11 @@ def render_store_qc(store: Path) -> Image.Image:
     title = qc_title(attrs["slide"]["slide_id"], int(mask.sum()), grid.patch_px, grid.target_mpp,
                      tissue["min_tissue"], encoders)
     return render_qc(root["thumbnail"][...], root["tissue_mask"][...], grid, root["coords"][...], mask,
-                     scale_x=sx, scale_y=sy, title=title)
+                     scale_x=sx, scale_y=sy, title=title, ink=root["ink_mask"][...] if "ink_mask" in root else None)
 
 
 def write_png_atomic(image: Image.Image, path: Path) -> Path:
     """Write under a temporary name and rename: a reader never sees half a picture, and a failed
     write (full disk) leaves nothing behind."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        image.save(tmp, format="PNG", compress_level=1)  # fast; the picture is for eyes, not archives
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    # compress_level 1: fast; the picture is for eyes, not archives
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1))

@@ -34,6 +34,7 @@ from typing import Sequence
 from urllib.parse import quote
 
 from . import __version__
+from .atomic import write_atomic
 from .errors import WsiEmbedError
 from .store import group_name, is_temporary
 
@@ -442,13 +443,7 @@ def write_report(out_dir: str | os.PathLike, *, attention: str | os.PathLike | N
     rows, runs = collect(out_dir, attention=attention, manifests=manifests)
     page = render_report(out_dir, rows, runs)
     path = out_dir / REPORT_NAME
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     log.info("%s: %d slides", path, len(rows))
     return path
 

@@ -25,7 +25,6 @@ import glob
 import logging
 import os
 import shutil
-import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +35,16 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from . import __version__
+from .atomic import TMP_MARK, owner_gone, tmp_suffix
 from .errors import CorruptStore, IncompleteStore, OutputNotWritable, WsiEmbedError
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-TMP_MARK = ".tmp-"
 GEOMETRY_ARRAYS = ("mask", "tissue_fraction", "coords", "thumbnail", "tissue_mask")
+# Optional geometry arrays (stores from before them lack them): the ink mask (thumbnail px), per-cell
+# ink fraction, annotation label (int16, -1 none) and artefact measures (see wsi_embed.artefacts).
+OPTIONAL_ARRAYS = ("ink_mask", "ink_fraction", "annotation", "grey_std", "laplacian_var")
 # Geometry arrays are stored in few chunks, whatever the region block: each array is one chunk
 # while it is at most this many bytes (a 100k x 100k slide's grid at 224 px and 0.5 µm/px is
 # 446 x 446 cells: 3 MB of coords), larger ones in square chunks of a power-of-two side that fit
@@ -103,10 +105,6 @@ def geometry_chunks(shape: tuple[int, ...], itemsize: int, max_bytes: int = GEOM
     return tuple(max(1, min(n, side)) for n in shape[:2]) + shape[2:]
 
 
-def _tmp_suffix() -> str:
-    return f"{TMP_MARK}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
 def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -155,7 +153,7 @@ class StoreWriter:
         if append:
             self.root_path = self.final
         else:
-            self.root_path = self.final.with_name(f".{self.final.name}{_tmp_suffix()}")
+            self.root_path = self.final.with_name(f".{self.final.name}{tmp_suffix()}")
         self._groups: dict[str, tuple[Path, Path]] = {}  # name -> (tmp path, final path)
         self._root: zarr.Group | None = None
         self.state = "open"  # then "committed" or "aborted"
@@ -188,10 +186,12 @@ class StoreWriter:
             raise RuntimeError(f"{self.final}: this store writer is already {self.state}")
 
     # -- base arrays -------------------------------------------------------------------------
-    def create(self, *, attrs: dict, mask, tissue_fraction, coords, thumbnail, tissue_mask, chunk: int) -> None:
+    def create(self, *, attrs: dict, mask, tissue_fraction, coords, thumbnail, tissue_mask, chunk: int,
+               extra: dict | None = None) -> None:
         """Write the root attrs and the geometry arrays. ``chunk`` is the region block (the side of
         the embeddings' chunks); it is recorded as ``grid.block`` when the caller has not. The
-        geometry arrays are chunked by :func:`geometry_chunks`, not by ``chunk``."""
+        geometry arrays are chunked by :func:`geometry_chunks`, not by ``chunk``. ``extra``: optional
+        arrays (:data:`OPTIONAL_ARRAYS`), name -> (data, dimension names)."""
         self._check_open()
         root = zarr.open_group(str(self.root_path), mode="w", zarr_format=3)
         attrs = dict(attrs)
@@ -209,6 +209,32 @@ class StoreWriter:
             root.create_array(name, data=data, chunks=geometry_chunks(data.shape, data.dtype.itemsize),
                               dimension_names=dims, **common)
         self._root = root
+        for name, (data, dims) in (extra or {}).items():
+            self.add_geometry(name, data, dims)
+
+    # -- optional geometry, finalised at commit (wsi_embed.artefacts) ---------------------------
+    def add_geometry(self, name: str, data: np.ndarray, dims: tuple[str, ...]) -> None:
+        """Write (or replace) an optional geometry array of a store being built."""
+        self._check_open()
+        if name not in OPTIONAL_ARRAYS:
+            raise ValueError(f"{name} is not an optional geometry array")
+        data = np.asarray(data)
+        self._root.create_array(name, data=data, chunks=geometry_chunks(data.shape, data.dtype.itemsize),
+                                dimension_names=dims, compressors=COMPRESSORS, config=_EVERY_CHUNK, overwrite=True)
+
+    def read_geometry(self, name: str) -> np.ndarray:
+        return self._root[name][...]
+
+    def update_geometry(self, name: str, data: np.ndarray) -> None:
+        self._check_open()
+        self._root[name][...] = data
+
+    def root_attrs(self) -> dict:
+        return self._root.attrs.asdict()
+
+    def update_attrs(self, attrs: dict) -> None:
+        self._check_open()
+        self._root.attrs.update(attrs)
 
     def open_existing(self) -> zarr.Group:
         self._check_open()
@@ -222,7 +248,7 @@ class StoreWriter:
             raise RuntimeError("StoreWriter: call create() or open_existing() before add_encoder()")
         rows, cols = self._root["mask"].shape
         node = group_name(name)
-        tmp_node = f".{node}{_tmp_suffix()}" if self.append else node
+        tmp_node = f".{node}{tmp_suffix()}" if self.append else node
         group = self._root.create_group(tmp_node)
         group.attrs.update({"encoder": attrs, "complete": False})
         array = group.create_array(
@@ -254,7 +280,7 @@ class StoreWriter:
         if self.append:
             for tmp, final in self._groups.values():
                 if final.exists():
-                    trash = final.with_name(f".{final.name}.old{_tmp_suffix()}")
+                    trash = final.with_name(f".{final.name}.old{tmp_suffix()}")
                     os.rename(final, trash)
                     os.rename(tmp, final)
                     _remove(trash)
@@ -262,7 +288,7 @@ class StoreWriter:
                     os.rename(tmp, final)
             return
         if self.final.exists():  # --overwrite: swap, then delete the old one
-            trash = self.final.with_name(f".{self.final.name}.old{_tmp_suffix()}")
+            trash = self.final.with_name(f".{self.final.name}.old{tmp_suffix()}")
             os.rename(self.final, trash)
             os.rename(self.root_path, self.final)
             _remove(trash)
@@ -287,25 +313,7 @@ def repair_backup_path(store: Path) -> Path:
     :func:`remove_stale_temporaries` leaves alone while its process lives). ``.zarr.bad`` is as long
     as ``.zarr.old``, so every id that fits :mod:`wsi_embed.ids`' length limit fits here too."""
     store = Path(store)
-    return store.with_name(f".{store.name}.bad{_tmp_suffix()}")
-
-
-def _owner_gone(name: str) -> bool:
-    """For a temporary made by :func:`_tmp_suffix`: its process, on this host, has ended."""
-    try:
-        host, pid, _ = name.rsplit(TMP_MARK, 1)[1].rsplit("-", 2)
-        pid = int(pid)
-    except (IndexError, ValueError):
-        return False
-    if host != socket.gethostname():
-        return False  # cannot tell: left for a run on that host
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
+    return store.with_name(f".{store.name}.bad{tmp_suffix()}")
 
 
 def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list[Path]:
@@ -318,7 +326,7 @@ def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list
     for pattern in (f".{sid}.zarr{TMP_MARK}*", f".{sid}.zarr.old{TMP_MARK}*", f".{sid}.qc.png.tmp-*",
                     f".{sid}.zarr.bad{TMP_MARK}*"):
         for path in out_dir.glob(pattern):
-            if ".zarr.bad" in pattern and not _owner_gone(path.name):
+            if ".zarr.bad" in pattern and not owner_gone(path.name):
                 continue  # a repair in progress keeps its backup until it has succeeded or restored it
             if path.is_dir():
                 _remove(path)
@@ -421,7 +429,8 @@ def group_dirs(path: Path) -> list[str]:
     """Names of the directories inside a store that may be encoder groups (not geometry, not
     temporaries), read from the file system so one damaged node cannot hide the others."""
     return sorted(e.name for e in os.scandir(path)
-                  if e.is_dir() and not e.name.startswith(".") and e.name not in GEOMETRY_ARRAYS)
+                  if e.is_dir() and not e.name.startswith(".") and e.name not in GEOMETRY_ARRAYS
+                  and e.name not in OPTIONAL_ARRAYS)
 
 
 def completed_encoders(path: Path) -> list[str]:

@@ -30,7 +30,7 @@ import numpy as np
 import zarr
 
 from .errors import WsiEmbedError
-from .store import (GEOMETRY_ARRAYS, _read_array, _read_group, _remove, damage_reason, group_dirs,
+from .store import (GEOMETRY_ARRAYS, OPTIONAL_ARRAYS, _read_array, _read_group, _remove, damage_reason, group_dirs,
                     has_checksums, is_temporary, repair_backup_path, repair_hint, settle_zarr_reads)
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,30 @@ class _Geometry:
                 self.problem(name, f"{missing} of {array.nchunks} chunk files are missing")
         self._cells(arrays)
         self._pictures(arrays)
+        self._optional()
+
+    def _optional(self) -> None:
+        """Optional arrays (ink, annotation labels, artefact measures; older stores lack them): their
+        chunks decode and their shapes are the grid's (ink_mask: the tissue mask's)."""
+        for name in OPTIONAL_ARRAYS:
+            if not (self.path / name).exists():
+                continue
+            try:
+                array = _read_array(self.path / name)
+            except Exception as exc:  # noqa: BLE001 - damaged metadata is a finding
+                self.problem(name, damage_reason(exc))
+                continue
+            try:
+                want = (tuple(_read_array(self.path / "tissue_mask").shape) if name == "ink_mask"
+                        else (self.rows, self.cols))
+            except Exception:  # noqa: BLE001 - tissue_mask's own damage is reported already
+                want = tuple(array.shape)
+            if tuple(array.shape) != want:
+                self.problem(name, f"shape {tuple(array.shape)}, expected {want}")
+            missing = _missing_chunks(array)
+            if missing:
+                self.problem(name, f"{missing} of {array.nchunks} chunk files are missing")
+            self.report.problems += _chunk_problems(GEOMETRY, name, _scan(array, lambda r, d: None))
 
     def _root(self) -> bool:
         try:
@@ -290,7 +314,9 @@ class _Geometry:
                 self.problem("mask", f"{int(mask.sum())} cells, the store recorded {recorded}")
             if fraction is not None and tissue.get("min_tissue") is not None:
                 enough = fraction >= float(tissue["min_tissue"])
-                bad = mask & ~enough if tissue.get("max_patches") else mask != enough
+                # cells may also be left out for ink, annotations, blank or blur: then a subset
+                restricted = tissue.get("max_patches") or any((tissue.get("cells_excluded") or {}).values())
+                bad = mask & ~enough if restricted else mask != enough
                 if bad.any():
                     self.problem("mask", f"{int(bad.sum())} cells disagree with tissue_fraction >= "
                                          f"{tissue['min_tissue']:g}")
@@ -457,6 +483,7 @@ def _plans(attrs: dict, encoders: dict[str, dict], base) -> list[tuple[str, obje
 
     from .grid import GridSpec
     from .slide import BACKENDS
+    from .plan import recorded_options
     from .tissue import TissueParams
 
     grid, tissue, slide = attrs["grid"], attrs["tissue"], attrs["slide"]
@@ -465,7 +492,8 @@ def _plans(attrs: dict, encoders: dict[str, dict], base) -> list[tuple[str, obje
     common = replace(base, grid=GridSpec(mpp=float(grid["target_mpp"]), patch_px=int(grid["patch_px"]),
                                          stride_px=int(grid["stride_px"])),
                      min_tissue=float(tissue["min_tissue"]), tissue=tissue_params, backend=backend,
-                     block=grid.get("block"), max_patches=tissue.get("max_patches"), overwrite=True)
+                     block=grid.get("block"), max_patches=tissue.get("max_patches"), overwrite=True,
+                     **recorded_options(tissue))
     runs: dict[tuple, list[str]] = {}
     for name, enc in encoders.items():
         key = (_weights_for(enc), enc.get("dtype") or base.dtype, enc.get("precision") or base.precision)

@@ -38,6 +38,8 @@ class SlideEntry:
     path: Path
     mpp: float | None = None
     slide_id: str | None = None  # given explicitly in a list file
+    tissue_mask: Path | None = None  # list columns tissue_mask, annotations (relative: to the list)
+    annotations: Path | None = None
 
 
 def is_slide_file(path: Path) -> bool:
@@ -131,7 +133,9 @@ def read_list(list_file: str | os.PathLike) -> list[SlideEntry]:
                 continue
             where = f"{list_file}, line {n}"
             entries.append(SlideEntry(_resolve(base, row["path"]), _float_or_none(row.get("mpp"), where),
-                                      row.get("slide_id") or row.get("id") or None))
+                                      row.get("slide_id") or row.get("id") or None,
+                                      _resolve(base, row["tissue_mask"]) if row.get("tissue_mask") else None,
+                                      _resolve(base, row["annotations"]) if row.get("annotations") else None))
     else:
         if len(first) > 1 and any(h in ("mpp", "slide", "file", "filename") for h in header):
             raise InvalidOption(f"{list_file}: a CSV slide list needs a 'path' column (found {first})")
@@ -155,8 +159,8 @@ def collect(inputs: Sequence[str | os.PathLike] = (), list_file: str | os.PathLi
     # start elsewhere agree on every path.
     raw: list[SlideEntry] = [SlideEntry(Path(os.path.abspath(p)), slide_mpp) for p in inputs]
     if list_file is not None:
-        raw += [SlideEntry(e.path, e.mpp if e.mpp is not None else slide_mpp, e.slide_id)
-                for e in read_list(list_file)]
+        raw += [SlideEntry(e.path, e.mpp if e.mpp is not None else slide_mpp, e.slide_id, e.tissue_mask,
+                           e.annotations) for e in read_list(list_file)]
     entries: list[SlideEntry] = []
     seen: set[str] = set()
     for entry in raw:
@@ -244,7 +248,7 @@ def assign_ids(entries: Sequence[SlideEntry], out_dir: str | os.PathLike | None 
         if other != i:  # e.g. a file literally named like another slide's hashed id
             raise InvalidOption(f"slide id {sid!r} is used by both {entries[other].path} and {entries[i].path}; "
                                 "rename one, or give ids in a --list CSV (slide_id column)")
-    return [SlideJob(e.path, sid, e.mpp) for e, sid in zip(entries, ids)]
+    return [SlideJob(e.path, sid, e.mpp, e.tissue_mask, e.annotations) for e, sid in zip(entries, ids)]
 
 
 def _recorded_slide(store: Path) -> dict | None:

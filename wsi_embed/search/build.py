@@ -26,7 +26,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import EncoderMismatch, WsiEmbedError
-from ..store import _tmp_suffix, group_name, is_temporary, open_store
+from ..atomic import tmp_suffix
+from ..store import group_name, is_temporary, open_store
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def build_index(out_dir: str | os.PathLike, encoder: str, *, exact_max: int = EX
         log.warning("%s: %d store(s) skipped: %s", out_dir, len(skipped),
                     "; ".join(f"{s['store']} ({s['reason']})" for s in skipped))
     final = index_dir(out_dir, members[0].encoder)
-    tmp = final.with_name(f".{final.name}{_tmp_suffix()}")
+    tmp = final.with_name(f".{final.name}{tmp_suffix()}")
     tmp.mkdir()
     try:
         manifest = _write(tmp, members, skipped, exact_max)
@@ -166,7 +167,7 @@ def build_index(out_dir: str | os.PathLike, encoder: str, *, exact_max: int = EX
 
 def _swap_in(tmp: Path, final: Path) -> None:
     if final.exists():
-        trash = final.with_name(f".{final.name}.old{_tmp_suffix()}")
+        trash = final.with_name(f".{final.name}.old{tmp_suffix()}")
         os.rename(final, trash)
         os.rename(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,57 @@
+"""Temporary names and atomic file writes: one place owns the temp name, the rename and the cleanup.
+
+Every temporary is ``.<final name><TMP_MARK><host>-<pid>-<hex>``: it starts with a dot (no reader's
+glob for ``*.h5`` or ``*.png`` sees it, and slide ids never start with one) and names its owner, so a
+later run can tell a dead writer's leftovers (:func:`owner_gone`) from a live writer's work.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Callable
+
+TMP_MARK = ".tmp-"
+
+
+def tmp_suffix() -> str:
+    return f"{TMP_MARK}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def tmp_path_for(path: Path, infix: str = "") -> Path:
+    """A temporary beside ``path`` (``infix``: ``.old``, ``.bad``, ... for the other kinds)."""
+    return path.with_name(f".{path.name}{infix}{tmp_suffix()}")
+
+
+def owner_gone(name: str) -> bool:
+    """For a temporary named by :func:`tmp_suffix`: its process, on this host, has ended."""
+    try:
+        host, pid, _ = name.rsplit(TMP_MARK, 1)[1].rsplit("-", 2)
+        pid = int(pid)
+    except (IndexError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False  # cannot tell: left for a run on that host
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)``, then rename onto ``path``: a reader never sees half a file, and a failed or
+    interrupted write (full disk, Ctrl-C) leaves nothing behind."""
+    path = Path(path)
+    tmp = tmp_path_for(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
