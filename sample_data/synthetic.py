@@ -252,8 +252,9 @@ PLANTED_BOX = (768, 256, 2304, 1792)  # level-0 px of the planted region in a po
 def make_planted_cohort(directory: str | Path, n: int = 8, *, size: tuple[int, int] = (3072, 2048),
                         mpp: float = 0.5, seed: int = 0) -> list[dict]:
     """Write ``n`` small slides of real tissue, ``planted_000.tif``, ...; the odd-numbered ones carry a
-    planted signal: inside :data:`PLANTED_BOX` the red and green channels are swapped (a green "stain"
-    of the same saturation, so still tissue, that any encoder, random weights included, embeds apart). Returns one dict per slide:
+    planted signal: inside :data:`PLANTED_BOX` the green and blue channels are swapped (a yellow-brown
+    "stain" of the same saturation, so still tissue and not pen ink, that any encoder, random weights
+    included, embeds apart). Returns one dict per slide:
     ``path``, ``slide_id``, ``label`` (1 planted, 0 not), ``patient_id`` (two slides a patient) and
     ``box`` (the planted box, or None). Material for MIL, search and embedding-map tests."""
     directory = Path(directory)
@@ -267,7 +268,7 @@ def make_planted_cohort(directory: str | Path, n: int = 8, *, size: tuple[int, i
         rgb = sample_rgb(width, height, origin=(600 + 37 * i, 700 + 23 * i), seed=seed + i)
         planted = i % 2 == 1
         if planted:
-            rgb[y0:y1, x0:x1] = rgb[y0:y1, x0:x1][..., [1, 0, 2]]
+            rgb[y0:y1, x0:x1] = rgb[y0:y1, x0:x1][..., [0, 2, 1]]
         levels = [rgb]
         while min(levels[-1].shape[:2]) > 512 and len(levels) < MAX_LEVELS:
             levels.append(area_downsample(levels[-1], 4))

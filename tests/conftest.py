@@ -70,7 +70,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
 
 @pytest.fixture(scope="session")
 def planted_cohort(tmp_path_factory, sample_slide) -> dict:
-    """Eight small slides of real tissue, the odd ones with a planted blue region (label 1), embedded
+    """Eight small slides of real tissue, the odd ones with a planted yellow-brown region (label 1), embedded
     once with the tiny random-weights ViT. Keys: ``slides`` (make_planted_cohort's rows), ``labels``
     (a CSV with slide_id, label, patient_id), ``out`` (the output folder of stores), ``encoder``."""
     import csv
@@ -86,9 +86,8 @@ def planted_cohort(tmp_path_factory, sample_slide) -> dict:
         for row in rows:
             writer.writerow([row["slide_id"], row["label"], row["patient_id"]])
     out = root / "out"
-    # --pen-marks keep: the planted region is recoloured green, which the pen-mark detector rightly
-    # takes for marker ink; here it stands for a stain, so it must stay tissue
+    # default --pen-marks remove: the planted stain is not marker ink and must stay tissue
     done = run_cli("embed", str(root / "slides"), "--out", str(out), "--model", "timm:test_vit",
-                   "--weights", "random", "--workers", "0", "--batch-size", "32", "--pen-marks", "keep")
+                   "--weights", "random", "--workers", "0", "--batch-size", "32")
     assert done.returncode == 0, done.stderr
     return {"slides": rows, "labels": labels, "out": out, "encoder": "timm:test_vit"}

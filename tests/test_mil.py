@@ -1,5 +1,5 @@
 """wsi_embed.mil (bag datasets, collate, patient splits) and workflows/train_abmil.py, on the planted
-cohort: eight real-tissue slides, the odd ones with a planted green region (label 1)."""
+cohort: eight real-tissue slides, the odd ones with a planted yellow-brown region (label 1)."""
 
 from __future__ import annotations
 

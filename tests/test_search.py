@@ -1,5 +1,5 @@
 """Slide and patch search (issue 10, part 4) on the planted cohort: real tissue, odd slides with a
-green region, embedded with the tiny random-weights ViT."""
+yellow-brown region, embedded with the tiny random-weights ViT."""
 
 from __future__ import annotations
 

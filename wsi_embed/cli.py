@@ -104,7 +104,7 @@ def embed(
         None, help="Slide files, or directories searched recursively for slides (svs, tif, ndpi, mrxs, ...)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory; one <slide_id>.zarr per slide."),
     slide_list: Optional[Path] = typer.Option(
-        None, "--list", help="CSV (columns path[, mpp, slide_id]) or TXT (one path per line) of slides."),
+        None, "--list", help="CSV (columns path[, mpp, slide_id, tissue_mask, annotations]) or TXT (one path per line) of slides."),
     model: str = typer.Option("lunit-bt-rn50", "--model", "-m",
                               help="Encoder name(s), comma-separated (see `wsi-embed models`)."),
     weights: str = typer.Option("auto", help="auto | random | PATH | URL"),

@@ -1,8 +1,8 @@
 """Pen marks: marker ink (blue, green, red, black) found on the thumbnail.
 
 Pathologists circle lesions on the glass; under a saturation Otsu the ink scores as tissue and a
-model then learns the ink. The rules are hue/saturation/value boxes (scikit-image's ``rgb2hsv``) of
-the kind histolab and slideflow use as RGB boxes, written so that H&E stays clear of them:
+model then learns the ink. The rules are hue/saturation/value boxes of the kind histolab and
+slideflow use as RGB boxes, written so that H&E stays clear of them; the clean-up is scikit-image's:
 
 - haematoxylin and eosin sit at hues 0.70-0.96 (purple to pink), the pen hues are outside it:
   blue 0.52-0.68, green 0.20-0.50, red above 0.945 or below 0.04 (and strongly saturated);
@@ -17,6 +17,7 @@ import logging
 import math
 
 import numpy as np
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,11 @@ _BLACK_MAX_SATURATION = 0.6  # dark blue/green marker is also caught here; that 
 
 def ink_masks(rgb: np.ndarray) -> dict[str, np.ndarray]:
     """Per-colour boolean masks of ink pixels in an (h, w, 3) uint8 image (no clean-up)."""
-    from skimage.color import rgb2hsv
-
     if rgb.size == 0:
         return {c: np.zeros(rgb.shape[:2], bool) for c in INK_COLOURS}
-    hsv = rgb2hsv(rgb).astype(np.float32)
+    # Pillow's HSV: the same values as skimage's rgb2hsv within 1/255, 10x faster (slides are
+    # prepared while the encoder runs, on the same cores)
+    hsv = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("HSV"), dtype=np.float32) / 255.0
     hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
     out = {}
     for colour, (h0, h1, s_min, v_min, v_max) in _HSV_BOXES.items():

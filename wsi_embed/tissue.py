@@ -127,7 +127,8 @@ def _colour_mismatch(slide: Slide, thumb: Thumbnail) -> float | None:
     img = thumb.image
     th, tw = img.shape[:2]
     win = max(1, min(_CHECK_WINDOW, th // _CHECK_GRID, tw // _CHECK_GRID))
-    chroma = img.max(axis=2).astype(np.float32) - img.min(axis=2)
+    high, low = channel_max_min(img)
+    chroma = high.astype(np.float32) - low
     diffs = []
     for gy in range(_CHECK_GRID):
         for gx in range(_CHECK_GRID):
@@ -151,6 +152,13 @@ def _colour_mismatch(slide: Slide, thumb: Thumbnail) -> float | None:
     diffs = np.asarray(diffs)
     off = diffs > _CHECK_TOLERANCE
     return float(np.median(diffs[off])) if off.mean() >= 1 / 3 else None
+
+
+def channel_max_min(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel max and min over R, G, B (uint8): element-wise, several times faster than a
+    reduction over the last axis of size 3."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
 
 
 def is_grey(rgb: np.ndarray) -> bool:
@@ -178,12 +186,12 @@ def detect_tissue(thumb: Thumbnail, params: TissueParams, ink: np.ndarray | None
     um = math.sqrt(thumb.mpp_x * thumb.mpp_y)  # µm per thumbnail pixel
     # HSV saturation and value in float32 (rgb2hsv would make three float64 planes)
     rgb = thumb.image
-    value = rgb.max(axis=2)  # uint8: the big planes stay one byte per pixel where they can
+    value, low = channel_max_min(rgb)  # uint8: the big planes stay one byte per pixel
     grey = is_grey(rgb)
     if grey:  # no colour to go by: tissue is what is darker than the glass
         feature = (255 - value).astype(np.float32) / 255
     else:
-        feature = (value - rgb.min(axis=2)).astype(np.float32)
+        feature = (value - low).astype(np.float32)
         np.divide(feature, value, out=feature, where=value > 0)
     feature = filters.gaussian(feature, sigma=max(0.5, params.blur_um / um), preserve_range=True)
     try:
