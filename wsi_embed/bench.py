@@ -4,7 +4,6 @@ per-patch baseline, measured in one run on the same slides, batch size and preci
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -66,14 +65,10 @@ class PeakRss:
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {"cpu": cpu, "cores": cores, "torch": torch.__version__, "python": platform.python_version(),
+    from .machine import machine_info as describe
+
+    base = describe()
+    info = {"cpu": base["cpu"], "cores": base["cores"], "torch": torch.__version__, "python": base["python"],
             "device": str(device), "gpu": None}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
