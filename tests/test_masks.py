@@ -211,6 +211,22 @@ def test_a_folder_without_the_slides_mask_fails_that_slide(slide, baseline, tmp_
     assert f"{masks}: no tissue mask for slide lacks" in manifest["lacks"]["error"]
 
 
+def test_one_annotation_file_for_several_slides_is_refused(slide, tmp_path):
+    """One slide's annotation must not be applied to every slide of a cohort."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for sid in ("a", "b"):
+        shutil.copy(slide, slides / f"{sid}.tif")
+    one = tmp_path / "a.geojson"
+    one.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {
+        "type": "Polygon", "coordinates": [[[100, 100], [1000, 100], [1000, 900], [100, 100]]]}}))
+    out = tmp_path / "out"
+    done = run_cli("embed", str(slides), "--out", str(out), "--annotations", str(one), *RUN)
+    (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert done.returncode == 1 and str(one) in line and "2 slides" in line and "folder" in line
+    assert not list(out.glob("*.zarr")) if out.exists() else True
+
+
 def test_class_names_of_other_exporters():
     from wsi_embed.masks import class_name
 

@@ -211,6 +211,24 @@ def test_single_class_and_missing_columns(cohort, tmp_path):
     assert ds.classes == ("high", "low") and [int(ds[i]["label"]) for i in (0, 1)] == [1, 0]
 
 
+def test_surplus_fields_and_empty_stores(cohort, tmp_path):
+    rows = [[r["slide_id"], r["label"], r["patient_id"]] for r in cohort["slides"]]
+    long = tmp_path / "long.csv"
+    long.write_text("slide_id,label,patient_id\n" + "".join(f"{a},{b},{c},\n" for a, b, c in rows))
+    with pytest.raises(LabelsError, match=r"line 2: 1 more field") as err:
+        BagDataset(cohort["out"], long, cohort["encoder"])
+    assert str(long) in str(err.value)
+    # a complete store without a single embedded cell (all ink, outside the annotations...) is left out
+    out = tmp_path / "out"
+    shutil.copytree(cohort["out"], out, ignore=shutil.ignore_patterns("*.png", "*.html", "*.jsonl", "index-*"))
+    import zarr
+
+    mask = zarr.open_array(str(out / "planted_000.zarr" / "mask"), mode="r+")
+    mask[...] = False
+    ds = BagDataset(out, cohort["labels"], cohort["encoder"])
+    assert ds.empty == ["planted_000"] and "planted_000" not in ds.slide_ids and len(ds) == 7
+
+
 def test_errors_are_one_line_in_the_workflow(cohort, tmp_path):
     one = write_csv(tmp_path / "one.csv", ["slide_id", "label"], [[r["slide_id"], 1] for r in cohort["slides"]])
     done = subprocess.run([sys.executable, "workflows/train_abmil.py", "--stores", str(cohort["out"]),

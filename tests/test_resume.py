@@ -89,6 +89,30 @@ def test_another_file_under_the_same_id_is_a_conflict(slide_copy, painted_slide,
     assert missing.status == "failed" and "no such file" in missing.error
 
 
+def test_other_grid_or_tissue_options_are_a_conflict_until_overwrite(slide_copy, tmp_path):
+    """A complete store stands only for the options it was made with: another grid, pen-mark rule,
+    annotation file or drop rule is not "complete" (it would silently keep the old cells)."""
+    out = tmp_path / "out"
+    assert embed_slide(slide_copy, out, [MODEL], "random", FAST).status == "done"
+    geojson = tmp_path / "s1.geojson"
+    geojson.write_text(json.dumps({"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+                                   "geometry": {"type": "Polygon", "coordinates": [[[200, 200], [1500, 200],
+                                                                                    [1500, 2000], [200, 200]]]}}))
+    for args in (("--mpp", "1.0"), ("--pen-marks", "keep"), ("--annotations", str(geojson)), ("--drop-blank",)):
+        again = run_cli("embed", str(slide_copy), "--out", str(out), *CLI_FAST, *args)
+        (line,) = [ln for ln in again.stderr.splitlines() if ln.startswith("error:")]
+        assert again.returncode == 1 and "--overwrite" in line and "Traceback" not in again.stderr, args
+        assert open_store(out / "s1.zarr").attrs["tissue"]["pen_marks"] == "remove"
+    redo = run_cli("embed", str(slide_copy), "--out", str(out), *CLI_FAST, "--annotations", str(geojson),
+                   "--overwrite")
+    assert redo.returncode == 0, redo.stderr
+    tissue = open_store(out / "s1.zarr").attrs["tissue"]
+    assert tissue["annotations"]["path"] == str(geojson.resolve())
+    # the same options again: complete, skipped
+    same = run_cli("embed", str(slide_copy), "--out", str(out), *CLI_FAST, "--annotations", str(geojson))
+    assert same.returncode == 0 and "skipped" in same.stdout + same.stderr
+
+
 def test_a_slide_that_changes_while_embedded_is_not_committed(slide_copy, tmp_path):
     from wsi_embed.pipeline import embed_slides
 

@@ -67,6 +67,8 @@ class GatedABMIL(nn.Module):
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         attention = torch.softmax(scores, dim=1)
+        if mask is not None:  # a bag with no instance: zero attention, not NaN
+            attention = torch.nan_to_num(attention, nan=0.0)
         bag = torch.einsum("bn,bnh->bh", attention, h)
         return self.classifier(bag), attention
 
@@ -273,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(args)
     except WsiEmbedError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # --out not writable, a full disk
+        print(f"error: {exc.filename or args.out}: cannot write ({exc.strerror or exc}); "
+              "check the --out folder's permissions and free space", file=sys.stderr)
         return 1
     print(json.dumps(summary))
     return 0

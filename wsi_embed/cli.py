@@ -44,6 +44,11 @@ def _fail(message: str, code: int = EXIT_FAILED) -> None:
     raise typer.Exit(code)
 
 
+def _os_failure(exc: OSError) -> None:
+    """A file the command had to write or read could not be (permissions, a full disk, a missing folder)."""
+    _fail(f"{exc.filename or 'a file'}: {exc.strerror or exc}; check the path, its permissions and free space")
+
+
 @app.command()
 def info(slide: Path = typer.Argument(..., help="Slide file, or a folder holding one DICOM series."),
          as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -350,6 +355,8 @@ def index(
         path = build_index(out, encoder)
     except WsiEmbedError as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _os_failure(exc)
     typer.echo(str(path))
 
 
@@ -377,6 +384,8 @@ def search(
                             montage=montage)
     except WsiEmbedError as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _os_failure(exc)
     typer.echo(json.dumps(result) if as_json else format_table(result))
     if montage is not None and not as_json:
         typer.echo(f"montage {montage}")
@@ -497,6 +506,8 @@ def report(
         extras = rebuild(out, maps=maps, clusters=clusters, attention=attention)
     except WsiEmbedError as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _os_failure(exc)
     for text in extras.warnings:
         typer.echo(f"warning: {text}", err=True)
     if extras.maps:

@@ -51,6 +51,23 @@ def resolve(spec: str | Path | None, slide_id: str, suffixes: tuple[str, ...], w
     return spec
 
 
+def check_one_file_specs(jobs, opts) -> None:
+    """A single mask or annotation *file* (not a folder) names one slide's regions: refuse it for a
+    run of several slides that lack their own (a ``--list`` column), instead of applying one slide's
+    annotation to all of them."""
+    from .errors import InvalidOption
+
+    for flag, spec, own in (("--tissue-mask", opts.tissue_mask, "tissue_mask"),
+                            ("--annotations", opts.annotations, "annotations")):
+        if spec is None or Path(spec).is_dir():
+            continue
+        using = [j for j in jobs if not getattr(j, own, None)]
+        if len(using) > 1:
+            raise InvalidOption(f"{flag} {spec} is one file, but {len(using)} slides would use it "
+                                f"({', '.join(j.slide_id for j in using[:3])}{', ...' if len(using) > 3 else ''}); "
+                                f"give a folder of <slide_id> files, or the {own} column of a --list CSV")
+
+
 # -- masks ---------------------------------------------------------------------------------------
 def read_mask_file(path: Path) -> np.ndarray:
     """(h, w) bool: non-zero pixels (any channel) of a PNG or TIFF."""
@@ -62,6 +79,7 @@ def read_mask_file(path: Path) -> np.ndarray:
         else:
             from PIL import Image
 
+            Image.MAX_IMAGE_PIXELS = None  # masks of whole slides are large by nature; not a bomb
             with Image.open(path) as image:
                 image.load()
                 data = np.asarray(image.convert("L") if image.mode in ("P", "PA", "RGBA", "LA") else image)
@@ -111,7 +129,7 @@ class Annotations:
     regions: list[tuple[int, object]]  # (label, shapely polygonal geometry), largest first
 
     def attrs(self, requested: tuple[str, ...] | None) -> dict:
-        return {"path": str(self.path), "classes": self.classes, "kept_classes": list(requested) if requested else None,
+        return {"path": str(Path(self.path).resolve()), "classes": self.classes, "kept_classes": list(requested) if requested else None,
                 "regions": len(self.regions), "rule": "cell centre inside (smallest annotation wins)"}
 
 
@@ -178,7 +196,7 @@ def load_annotations(path: Path, slide_size: tuple[int, int], keep: tuple[str, .
     seen_classes: list[str | None] = []
     skipped = 0
     for n, feature in enumerate(_features(doc, path), start=1):
-        props = feature.get("properties") or {}
+        props = feature.get("properties") if isinstance(feature.get("properties"), dict) else {}
         if str(props.get("objectType", "annotation")).lower() in _SKIPPED_OBJECT_TYPES:
             skipped += 1
             continue

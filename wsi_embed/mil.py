@@ -77,7 +77,12 @@ def read_labels(path: str | os.PathLike, label_column: str = "label") -> LabelTa
         with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
             reader = csv.DictReader(f)
             columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            rows = []
+            for row in reader:
+                if None in row:  # csv puts the fields beyond the header under None
+                    raise LabelsError(f"{path}, line {reader.line_num}: {len(row[None])} more field(s) than the "
+                                      "header; quote values that hold commas, or remove trailing commas")
+                rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
     except FileNotFoundError as exc:
         raise LabelsError(f"{path}: labels file not found; check the path") from exc
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -204,13 +209,23 @@ class BagDataset(torch.utils.data.Dataset):
         self.paths: list[str] = []
         self.encoders: list[str] = []  # the encoder's recorded name in each store
         dims: dict[int, list[str]] = {}
-        for sid in self.table.slide_ids:
+        self.empty: list[str] = []  # labelled slides whose stores hold no embedded cell: left out
+        kept = []
+        for i, sid in enumerate(self.table.slide_ids):
             path = by_id[sid]
             store = open_store(path)  # refuses temporary and unfinished stores
             name = _resolve_encoder(path, encoder, store.encoders)
             dims.setdefault(int(store.embeddings(name).shape[2]), []).append(sid)
+            if not store.mask.any():  # no tissue left (ink, annotations, drops): an empty bag trains nothing
+                self.empty.append(sid)
+                continue
+            kept.append(i)
             self.paths.append(str(path))
             self.encoders.append(name)
+        if self.empty:
+            log.warning("%s: %d labelled slide(s) have no embedded cells and are left out: %s",
+                        folder or "stores", len(self.empty), ", ".join(self.empty[:5]))
+            self.table = self.table.select(kept)
         if len(dims) > 1:
             parts = "; ".join(f"dim {d} in {len(ids)} ({', '.join(ids[:2])}{', ...' if len(ids) > 2 else ''})"
                               for d, ids in sorted(dims.items()))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -31,7 +30,7 @@ from .loader import EndOfSlide, default_workers, make_loader, region_task, relea
 from .locks import LockError, lock_path, try_lock
 from .plan import Cancelled, plan_slide
 from .qc import qc_path_for, qc_title, render_qc, render_store_qc, write_png_atomic
-from .resume import Resume, plan_resume
+from .resume import options_conflict, Resume, plan_resume
 from .slide import ensure_intact, fingerprint, open_slide, resolve_mpp
 from .store import (StoreWriter, completed_encoders, ensure_writable, read_guard, remove_stale_temporaries,
                     store_path)
@@ -133,18 +132,13 @@ def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run:
 
 
 def _geometry_conflict(final: Path, job: SlideJob, opts: EmbedOptions) -> str | None:
-    """Why groups cannot be added to this existing store: another slide file or another grid."""
+    """Why groups cannot be added to this existing store: another slide file, another grid or other
+    tissue options."""
     root = zarr.open_group(str(final), mode="r", zarr_format=3)
     if root.attrs["slide"].get("fingerprint") != fingerprint(job.path):
         return (f"{final}: holds embeddings of another file ({root.attrs['slide'].get('path')}), not {job.path}; "
                 "use another --out, or --overwrite to replace it")
-    g = dict(root.attrs["grid"])
-    wanted = (opts.grid.mpp, opts.grid.patch_px, opts.grid.stride, opts.min_tissue)
-    have = (g["target_mpp"], g["patch_px"], g["stride_px"], root.attrs["tissue"]["min_tissue"])
-    if not all(math.isclose(a, b) for a, b in zip(wanted, have)):
-        return (f"{final}: exists with another grid (mpp, patch, stride, min-tissue = {have}, asked {wanted}); "
-                "use --overwrite to rebuild it or choose another --out")
-    return None
+    return options_conflict(final, root.attrs.asdict(), job, opts)
 
 
 def _reuse_geometry(writer: StoreWriter):
@@ -222,7 +216,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
         run, tasks, lock = None, [], None
         problem = id_problem(job.slide_id, job.path)  # before any file is named after it
         resume = Resume(error=problem) if problem else plan_resume(
-            out_dir, job, models_.names, weights, overwrite=opts.overwrite, verify=opts.verify)
+            out_dir, job, models_.names, weights, overwrite=opts.overwrite, verify=opts.verify, options=opts)
         if resume.error is None and not resume.nothing_to_do:
             try:
                 lock, owner = _lock(out_dir, job, opts)
@@ -232,7 +226,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 held[:] = [h for h in held if not h.released] + [lock]
                 # another process may have finished it between our check and the lock
                 resume = plan_resume(out_dir, job, models_.names, weights, overwrite=opts.overwrite,
-                                     verify=opts.verify)
+                                     verify=opts.verify, options=opts)
             elif resume.error is None:  # another live process is embedding it: not a failure
                 run = _skipped(job, models_.names, out_dir,
                                f"locked by {owner.describe() if owner else 'another process'}")

@@ -4,6 +4,7 @@ before any patch is read (and before the store is touched)."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,7 +109,7 @@ def plan_slide(slide: Slide, mpp: MppInfo, opts: EmbedOptions, slide_id: str,
                                  min_object_um2=params.ink_min_object_um2, margin_um=params.ink_margin_um)
     if mask_file is not None:
         tissue_mask = load_user_mask(mask_file, slide.dimensions, thumb.image.shape[:2])
-        source = {"method": "user mask", "mask_path": str(mask_file)}
+        source = {"method": "user mask", "mask_path": str(Path(mask_file).resolve())}
     else:
         tissue_mask = detect_tissue(thumb, params, ink)
         source = {"method": tissue_method(thumb.image), "mask_path": None}

@@ -88,8 +88,54 @@ def _stale_weights(store: Path, name: str, expected: ExpectedWeights) -> str | N
     return None
 
 
+def options_conflict(store: Path, attrs: dict, job: SlideJob, opts) -> str | None:
+    """Why a store cannot stand for this run's ``opts``: another grid, or other tissue options (the
+    user's mask or annotations, pen marks, artefact drops). Options a store predates are not
+    compared, so stores made by earlier versions keep resuming."""
+    import math
+
+    from .masks import ANNOTATION_SUFFIXES, MASK_SUFFIXES, resolve
+
+    g, tissue = dict(attrs.get("grid", {})), dict(attrs.get("tissue", {}))
+    wanted = (opts.grid.mpp, opts.grid.patch_px, opts.grid.stride, opts.min_tissue)
+    have = (g.get("target_mpp"), g.get("patch_px"), g.get("stride_px"), tissue.get("min_tissue"))
+    if None in have or not all(math.isclose(a, b) for a, b in zip(wanted, have)):
+        return (f"{store}: exists with another grid (mpp, patch, stride, min-tissue = {have}, asked {wanted}); "
+                "use --overwrite to rebuild it or choose another --out")
+    differences = []
+    if "pen_marks" in tissue and tissue["pen_marks"] != opts.tissue.pen_marks:
+        differences.append(f"--pen-marks {tissue['pen_marks']}")
+
+    def asked(spec, suffixes, what) -> str | None:
+        try:
+            path = resolve(spec, job.slide_id, suffixes, what)
+        except OSError:  # missing: the run itself says so when it prepares the slide
+            return "?"
+        return None if path is None else str(Path(path).resolve())
+
+    if "mask_path" in tissue:
+        mask = asked(job.tissue_mask or opts.tissue_mask, MASK_SUFFIXES, "tissue mask")
+        if mask != tissue["mask_path"] and mask != "?":
+            differences.append(f"tissue mask {tissue['mask_path'] or 'detected'}")
+    if "annotations" in tissue:
+        ann = tissue["annotations"] if isinstance(tissue["annotations"], dict) else {}
+        path = asked(job.annotations or opts.annotations, ANNOTATION_SUFFIXES, "annotation file")
+        kept = tuple(ann.get("kept_classes") or ()) or None
+        if (path != ann.get("path") and path != "?") or (path and kept != (tuple(opts.annotation_classes or ()) or None)):
+            differences.append(f"annotations {ann.get('path') or 'none'} (classes {', '.join(kept) if kept else 'all'})")
+    art = tissue.get("artefacts")
+    if isinstance(art, dict):
+        for key in ("drop_blank", "drop_blurry", "blank_threshold", "blur_threshold"):
+            if key in art and art[key] != getattr(opts, key):
+                differences.append(f"{key.replace('_', '-')} {art[key]}")
+    if differences:
+        return (f"{store}: exists with other tissue options ({'; '.join(differences)}); use --overwrite to "
+                "rebuild it with these, or choose another --out")
+    return None
+
+
 def plan_resume(out_dir: Path, job: SlideJob, names: Sequence[str], weights: str, *,
-                overwrite: bool = False, verify: bool = False) -> Resume:
+                overwrite: bool = False, verify: bool = False, options=None) -> Resume:
     """Which of ``names`` still have to be computed for ``job`` in ``out_dir``."""
     names = list(names)
     if overwrite:
@@ -101,7 +147,8 @@ def plan_resume(out_dir: Path, job: SlideJob, names: Sequence[str], weights: str
     if not job.path.exists():
         return Resume(error=f"{job.path}: no such file; check the path (a store for {job.slide_id} exists "
                             f"at {store})")
-    recorded = _read_json(store / "zarr.json").get("attributes", {}).get("slide", {})
+    root_attrs = _read_json(store / "zarr.json").get("attributes", {})
+    recorded = root_attrs.get("slide", {})
     try:
         same_file = recorded.get("fingerprint") == fingerprint(job.path)
     except OSError as exc:
@@ -110,6 +157,9 @@ def plan_resume(out_dir: Path, job: SlideJob, names: Sequence[str], weights: str
         return Resume(error=(
             f"{job.path}: the store {store} was made from another file ({recorded.get('path')}); "
             "use --overwrite to replace it, or give this slide its own id with --list and a slide_id column"))
+    conflict = options_conflict(store, root_attrs, job, options) if options is not None else None
+    if conflict:
+        return Resume(error=conflict)
     todo, notes = [n for n in names if n not in done], []
     lost = [n for n in todo if (store / group_name(n)).is_dir()]  # a group there, but unreadable or unfinished
     if lost:

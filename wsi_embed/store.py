@@ -324,10 +324,10 @@ def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list
     sid = glob.escape(slide_id) if slide_id else "*"
     removed = []
     for pattern in (f".{sid}.zarr{TMP_MARK}*", f".{sid}.zarr.old{TMP_MARK}*", f".{sid}.qc.png.tmp-*",
-                    f".{sid}.zarr.bad{TMP_MARK}*"):
+                    f".{sid}.zarr.bad{TMP_MARK}*", f".{sid}.*.map.png{TMP_MARK}*", f".{sid}.*.clusters.png{TMP_MARK}*"):
         for path in out_dir.glob(pattern):
-            if ".zarr.bad" in pattern and not owner_gone(path.name):
-                continue  # a repair in progress keeps its backup until it has succeeded or restored it
+            if (".zarr.bad" in pattern or ".png" in pattern and ".qc.png" not in pattern) and not owner_gone(path.name):
+                continue  # a repair's backup, or maps another live run is drawing (maps are not locked)
             if path.is_dir():
                 _remove(path)
             else:

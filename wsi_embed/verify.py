@@ -487,7 +487,9 @@ def _plans(attrs: dict, encoders: dict[str, dict], base) -> list[tuple[str, obje
     from .tissue import TissueParams
 
     grid, tissue, slide = attrs["grid"], attrs["tissue"], attrs["slide"]
-    tissue_params = TissueParams(**{f.name: tissue[f.name] for f in fields(TissueParams) if f.name in tissue})
+    recorded = {f.name: tissue[f.name] for f in fields(TissueParams) if f.name in tissue}
+    recorded.setdefault("pen_marks", "keep")  # stores from before pen detection: rebuild them as they were
+    tissue_params = TissueParams(**recorded)
     backend = slide.get("backend") if slide.get("backend") in BACKENDS else "auto"
     common = replace(base, grid=GridSpec(mpp=float(grid["target_mpp"]), patch_px=int(grid["patch_px"]),
                                          stride_px=int(grid["stride_px"])),

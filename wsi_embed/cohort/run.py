@@ -85,6 +85,9 @@ def embed_cohort(jobs: Sequence[SlideJob], out_dir: str | os.PathLike, models: S
                  on_result: Callable[[SlideResult], None] | None = None,
                  progress: Callable[[str, int, int], None] | None = None) -> CohortSummary:
     """Serial in this process (``cluster=None``), or with dask (see :mod:`.dask_driver`)."""
+    from ..masks import check_one_file_specs
+
+    check_one_file_specs(jobs, options)  # before anything is written
     if cluster is None:
         return run_cohort(jobs, out_dir, models, weights, options, manifest=manifest, on_result=on_result,
                           progress=progress)
