@@ -139,6 +139,9 @@ def embed(
     backend: str = typer.Option("auto", help="auto | openslide | tiffslide"),
     workers: Optional[int] = typer.Option(None, help="Loader worker processes (default: one per core up to 16 on GPU; on CPU 0 below 8 cores, else cores // 8)."),
     batch_size: int = typer.Option(64, help="Patches per encoder batch."),
+    prepare_processes: Optional[int] = typer.Option(
+        None, help="Processes that plan slides ahead (thumbnail, tissue, grid), so planning never shares the "
+                   "GIL with the thread feeding the device (default: 2 on a GPU host with 8+ cores, else 0: in a thread)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     decode: str = typer.Option("auto", help="JPEG tiles: auto (on the GPU with CUDA, else CPU) | cpu | gpu"),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)"),
@@ -194,6 +197,7 @@ def embed(
             grid=GridSpec(mpp=mpp, patch_px=patch_size, stride_px=stride), min_tissue=min_tissue,
             backend=backend, dtype=dtype, workers=workers, batch_size=batch_size, device=device,
             precision=precision, compile=compile, overwrite=overwrite, lock_stale_after=lock_stale_after,
+            prepare_processes=prepare_processes,
             max_cells=DEFAULT_MAX_CELLS if max_cells is None else max_cells, verify=verify, decode=decode,
             tissue=TissueParams(pen_marks=pen_marks),
             tissue_mask=str(tissue_mask) if tissue_mask else None,

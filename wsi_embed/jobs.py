@@ -35,6 +35,7 @@ class EmbedOptions:
     max_cells: int = DEFAULT_MAX_CELLS  # refuse slides whose grid claims more cells than this
     workers: int | None = None  # None: see loader.default_workers
     decode: str = "auto"  # JPEG tiles: auto (the GPU's decoder on CUDA), cpu, gpu
+    prepare_processes: int | None = None  # slides planned in processes; None: see planner.default_prepare_processes
     batch_size: int = 64
     device: str = "auto"
     precision: str = "auto"
@@ -59,6 +60,8 @@ class EmbedOptions:
             raise InvalidOption(f"--dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {self.dtype}")
         if self.batch_size < 1:
             raise InvalidOption(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.prepare_processes is not None and self.prepare_processes < 0:
+            raise InvalidOption(f"--prepare-processes must be >= 0, got {self.prepare_processes}")
         if self.workers is not None and self.workers < 0:
             raise InvalidOption(f"--workers must be >= 0, got {self.workers}")
         if self.backend not in BACKENDS:

@@ -28,7 +28,8 @@ from .infer import EncoderRunner, select_device, select_precision
 from .jobs import EmbedOptions, SlideJob, SlideResult, model_name, slide_id_for
 from .loader import EndOfSlide, default_workers, make_loader, region_task, release_handles
 from .locks import LockError, lock_path, try_lock
-from .plan import Cancelled, plan_slide
+from .plan import Cancelled
+from .planner import Planner, default_prepare_processes
 from .qc import qc_path_for, qc_title, render_qc, render_store_qc, write_png_atomic
 from .resume import options_conflict, Resume, plan_resume
 from .slide import ensure_intact, fingerprint, open_slide, resolve_mpp
@@ -41,7 +42,7 @@ PREPARE_AHEAD = 2  # slides prepared ahead of the one being embedded: small biop
 
 
 def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: EmbedOptions, precision: str,
-             resume: Resume, cancel: threading.Event, decode: DecodePlan):
+             resume: Resume, cancel: threading.Event, decode: DecodePlan, planner: Planner):
     """Open, measure, find tissue, plan the grid and open the store. Returns (run, tasks)."""
     run = SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed",
                                                           note=resume.note))
@@ -63,7 +64,7 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
             with read_guard(final, "mask"):
                 grid, mask, block = _reuse_geometry(writer)
         else:
-            grid, mask, block = _new_geometry(slide, mpp, job, writer, opts, run, encoders, cancel)
+            grid, mask, block = _new_geometry(slide, mpp, job, writer, opts, run, encoders, cancel, planner)
         backend = slide.backend
         with _writing(job, out_dir):
             for enc in encoders:
@@ -110,8 +111,8 @@ def _preflight(job: SlideJob, opts: EmbedOptions) -> None:
 
 
 def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run: SlideRun, encoders: list,
-                  cancel: threading.Event):
-    plan = plan_slide(slide, mpp, opts, job.slide_id, cancel, job=job)
+                  cancel: threading.Event, planner: Planner):
+    plan = planner.plan(slide, mpp, job, opts, cancel)
     run.fingerprint = plan.info.fingerprint
     coords = plan.grid.coords()
     if cancel.is_set():
@@ -162,8 +163,13 @@ class _Models:
         self.encoders: list = []
         self.runners: list[EncoderRunner] = []
         self._error: RunWideError | None = None
+        self._lock = threading.Lock()  # prep threads may ask at once
 
     def load(self) -> list:
+        with self._lock:
+            return self._load_once()
+
+    def _load_once(self) -> list:
         if self._error is not None:  # a run-wide failure is met once, not once per prepared slide
             raise self._error
         try:
@@ -210,6 +216,11 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
     runs: dict[int, SlideRun] = {}
     cancel = threading.Event()  # set when the run unwinds: a slide being prepared stops soon after
     held: list = []  # every lock taken, so an interrupt at any point releases it (release is idempotent)
+    held_lock = threading.Lock()
+    processes = (default_prepare_processes(device.type) if opts.prepare_processes is None
+                 else opts.prepare_processes)
+    planner = Planner(processes)
+    ahead = max(PREPARE_AHEAD, processes + 1)
 
     def start(key: int, job: SlideJob) -> list:
         """Check, lock and prepare one slide; runs in the prep thread, one slide ahead."""
@@ -223,7 +234,8 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
             except LockError as exc:  # this slide's lock path is unusable: this slide fails
                 resume, lock, owner = Resume(error=str(exc)), None, None
             if lock is not None:
-                held[:] = [h for h in held if not h.released] + [lock]
+                with held_lock:  # several prep threads when slides are planned in processes
+                    held[:] = [h for h in held if not h.released] + [lock]
                 # another process may have finished it between our check and the lock
                 resume = plan_resume(out_dir, job, models_.names, weights, overwrite=opts.overwrite,
                                      verify=opts.verify, options=opts)
@@ -241,7 +253,8 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                     raise Cancelled
                 _preflight(job, opts)  # a bad slide fails fast, before any model is loaded
                 encoders = models_.load()  # errors here concern every slide: they raise
-                run, tasks = _prepare(job, key, out_dir, encoders, opts, precision, resume, cancel, decode_plan)
+                run, tasks = _prepare(job, key, out_dir, encoders, opts, precision, resume, cancel, decode_plan,
+                                      planner)
             except RunWideError:
                 if lock is not None:
                     lock.release()
@@ -260,7 +273,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
 
     def feed():
         # Slides k+1 and k+2 are opened, tissue-detected and planned in a thread while slide k computes.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-embed-prep") as pool:
+        with ThreadPoolExecutor(max_workers=max(1, processes), thread_name_prefix="wsi-embed-prep") as pool:
             queued: deque = deque()
             numbered = enumerate(jobs)
 
@@ -269,7 +282,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 if nxt is not None:
                     queued.append((nxt[0], pool.submit(start, *nxt)))
 
-            for _ in range(PREPARE_AHEAD):
+            for _ in range(ahead):
                 submit()
             while queued:
                 key, future = queued.popleft()
@@ -340,6 +353,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
         stats.device_s = executor.clock.seconds()
         del items  # stops the workers
         task_feed.close()  # waits for a slide being prepared, so its run is cleaned up too
+        planner.close()
         executor.shutdown()
         for run in list(runs.values()):
             if run.writer is not None:

@@ -1,0 +1,37 @@
+"""Slides planned in processes (wsi_embed.planner) give the stores the prep thread gives."""
+
+from __future__ import annotations
+
+import numpy as np
+from wsi_embed import EmbedOptions, open_store
+from wsi_embed.cohort import embed_cohort, plan_cohort
+
+def test_planning_processes_give_the_thread_path_stores(tmp_path, sample_slide, painted_slide):
+    slides = [sample_slide, painted_slide[0]]
+    jobs = plan_cohort(slides)
+    out = {}
+    for n in (0, 1):
+        opts = EmbedOptions(workers=0, prepare_processes=n, max_patches=12)
+        summary = embed_cohort(jobs, tmp_path / f"out{n}", ["timm:test_vit"], "random", opts)
+        assert summary.exit_code == 0
+        out[n] = tmp_path / f"out{n}"
+    for job in jobs:
+        a, b = open_store(out[0] / f"{job.slide_id}.zarr"), open_store(out[1] / f"{job.slide_id}.zarr")
+        assert np.array_equal(a.mask, b.mask) and np.array_equal(a.coords, b.coords)
+        assert np.array_equal(a.embeddings()[...], b.embeddings()[...], equal_nan=True)
+        assert a.attrs["tissue"] == b.attrs["tissue"]
+
+
+def test_a_slide_that_fails_in_a_planning_process_fails_alone_in_one_line(tmp_path, sample_slide, painted_slide):
+    """The first slide is planned in the prep thread, the next ones in a process: an error raised
+    there comes back as that slide's one-line failure."""
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    jobs = plan_cohort([sample_slide, painted_slide[0]])
+    opts = EmbedOptions(workers=0, prepare_processes=1, max_patches=6, tissue_mask=str(masks))
+    summary = embed_cohort(jobs, tmp_path / "out", ["timm:test_vit"], "random", opts)
+    errors = [r.error for r in summary.results]
+    assert summary.exit_code == 1 and len(errors) == 2
+    for job, error in zip(jobs, errors):
+        assert error == (f"{masks}: no tissue mask for slide {job.slide_id} (looked for {job.slide_id}.png|.tif|.tiff); "
+                         "add it, or give this slide's file in the --list CSV")
