@@ -56,6 +56,9 @@ class Planner:
             if self._pool is None and self.processes > 0:
                 import multiprocessing
 
+                if multiprocessing.current_process().daemon:  # e.g. a dask worker: no children allowed
+                    self.processes = 0
+                    return None
                 # spawn: the parent holds threads (zarr's I/O loop, torch) that fork would copy mid-state
                 self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
             return self._pool
