@@ -225,6 +225,9 @@ def test_one_annotation_file_for_several_slides_is_refused(slide, tmp_path):
     (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert done.returncode == 1 and str(one) in line and "2 slides" in line and "folder" in line
     assert not list(out.glob("*.zarr")) if out.exists() else True
+    # a shard of one slide must not hide it: the cohort is checked before it is sharded
+    shard = run_cli("embed", str(slides), "--out", str(out), "--annotations", str(one), "--shard", "0/2", *RUN)
+    assert shard.returncode == 1 and "2 slides would use it" in shard.stderr
 
 
 def test_class_names_of_other_exporters():

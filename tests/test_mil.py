@@ -211,6 +211,14 @@ def test_single_class_and_missing_columns(cohort, tmp_path):
     assert ds.classes == ("high", "low") and [int(ds[i]["label"]) for i in (0, 1)] == [1, 0]
 
 
+def test_too_few_patients_per_class_for_the_folds(cohort, tmp_path):
+    rows = [[r["slide_id"], int(i < 2), r["slide_id"]] for i, r in enumerate(cohort["slides"])]
+    skewed = write_csv(tmp_path / "skewed.csv", ["slide_id", "label", "patient_id"], rows)
+    with pytest.raises(LabelsError, match="a class has only 2 patient") as err:
+        patient_splits(skewed, n_folds=3)
+    assert str(skewed) in str(err.value)
+
+
 def test_surplus_fields_and_empty_stores(cohort, tmp_path):
     rows = [[r["slide_id"], r["label"], r["patient_id"]] for r in cohort["slides"]]
     long = tmp_path / "long.csv"

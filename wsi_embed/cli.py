@@ -213,7 +213,8 @@ def embed(
             check_slide_mpp(slide_mpp)
         if not slides and slide_list is None:
             _fail("no slides given: pass slide files or directories, or --list FILE")
-        jobs = plan_cohort(slides or [], slide_list, slide_mpp=slide_mpp, shard=parse_shard(shard), out_dir=out)
+        jobs = plan_cohort(slides or [], slide_list, slide_mpp=slide_mpp, shard=parse_shard(shard), out_dir=out,
+                           options=options)
         slurm = SlurmSettings.from_file(cluster_config) if cluster_config else SlurmSettings()
         slurm = slurm.merged(queue=slurm_queue, walltime=slurm_walltime, gres=slurm_gres, cores=slurm_cores,
                              memory=slurm_memory, jobs=slurm_jobs)

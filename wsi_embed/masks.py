@@ -79,10 +79,13 @@ def read_mask_file(path: Path) -> np.ndarray:
         else:
             from PIL import Image
 
-            Image.MAX_IMAGE_PIXELS = None  # masks of whole slides are large by nature; not a bomb
-            with Image.open(path) as image:
-                image.load()
-                data = np.asarray(image.convert("L") if image.mode in ("P", "PA", "RGBA", "LA") else image)
+            guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # slide masks are large by nature
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                    data = np.asarray(image.convert("L") if image.mode in ("P", "PA", "RGBA", "LA") else image)
+            finally:
+                Image.MAX_IMAGE_PIXELS = guard
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the same thing to the user
         raise BadMask(f"{path}: cannot read the tissue mask ({type(exc).__name__}: {exc}); "
                       "give a binary PNG or TIFF (non-zero = tissue)") from None

@@ -226,6 +226,9 @@ class BagDataset(torch.utils.data.Dataset):
             log.warning("%s: %d labelled slide(s) have no embedded cells and are left out: %s",
                         folder or "stores", len(self.empty), ", ".join(self.empty[:5]))
             self.table = self.table.select(kept)
+            if len(set(self.table.labels)) < 2 and len(set(table.labels)) >= 2:
+                raise LabelsError(f"{table.path}: after leaving out {len(self.empty)} slide(s) without embedded "
+                                  "cells, one class is left; check their tissue masks and annotations")
         if len(dims) > 1:
             parts = "; ".join(f"dim {d} in {len(ids)} ({', '.join(ids[:2])}{', ...' if len(ids) > 2 else ''})"
                               for d, ids in sorted(dims.items()))
@@ -394,10 +397,20 @@ def patient_splits(source: BagDataset | LabelTable | str | os.PathLike, n_folds:
     if n_patients < n_folds:
         raise LabelsError(f"{table.path}: {n_patients} patients cannot fill {n_folds} folds; "
                           f"use at most {n_patients} folds")
+    per_class: dict[int, set] = {}
+    for label, patient in zip(table.labels, table.patients):
+        per_class.setdefault(label, set()).add(patient)
+    fewest = min(len(p) for p in per_class.values())
+    if fewest < n_folds:
+        raise LabelsError(f"{table.path}: a class has only {fewest} patient(s), too few for {n_folds} stratified "
+                          f"folds; use at most {max(2, fewest)} folds, or give a fold column")
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     folds = []
-    for k, (train, test) in enumerate(splitter.split(np.zeros(len(ids)), table.labels, table.patients)):
-        folds.append(Fold(k, tuple(ids[i] for i in sorted(train)), tuple(ids[i] for i in sorted(test))))
+    try:
+        for k, (train, test) in enumerate(splitter.split(np.zeros(len(ids)), table.labels, table.patients)):
+            folds.append(Fold(k, tuple(ids[i] for i in sorted(train)), tuple(ids[i] for i in sorted(test))))
+    except ValueError as exc:  # scikit-learn's own limits on this table
+        raise LabelsError(f"{table.path}: cannot make {n_folds} patient-level folds ({exc}); use fewer folds") from None
     return folds
 
 

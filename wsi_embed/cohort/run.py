@@ -33,12 +33,16 @@ log = logging.getLogger(__name__)
 
 def plan_cohort(inputs: Sequence[str | os.PathLike] = (), list_file: str | os.PathLike | None = None, *,
                 slide_mpp: float | None = None, shard: Shard | None = None,
-                out_dir: str | os.PathLike | None = None) -> list[SlideJob]:
+                out_dir: str | os.PathLike | None = None, options: EmbedOptions | None = None) -> list[SlideJob]:
     """The jobs of this run: ids are given over the whole cohort first, then the shard is taken.
 
     ``out_dir``: the run's output folder; slides whose stores are there keep their ids (a cohort
     that grows re-embeds nothing, see :func:`~wsi_embed.cohort.discover.assign_ids`)."""
     jobs = build_jobs(inputs, list_file, slide_mpp, out_dir=out_dir)
+    if options is not None:  # on the whole cohort: a shard of one slide must not hide a shared mask file
+        from ..masks import check_one_file_specs
+
+        check_one_file_specs(jobs, options)
     if shard is not None:
         jobs = shard.select(jobs)
         log.info("shard %s: %d slides", shard, len(jobs))
