@@ -37,4 +37,7 @@ fi
 echo
 echo "Store:       $(pwd)/$OUT/CMU-1-Small-Region.zarr"
 echo "QC picture:  $(pwd)/$OUT/CMU-1-Small-Region.qc.png"
+echo "Map:         $(pwd)/$OUT/CMU-1-Small-Region.lunit-bt-rn50.map.png"
+echo "Report:      $(pwd)/$OUT/report.html"
+echo "Inspect it:  .venv/bin/wsi-embed inspect $OUT/CMU-1-Small-Region.zarr"
 echo "Read it:     .venv/bin/python -c \"from wsi_embed import open_store; s = open_store('$OUT/CMU-1-Small-Region.zarr'); print(s.encoders, s.bag()[0].shape)\""
