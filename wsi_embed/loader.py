@@ -84,9 +84,10 @@ class RegionBatch:
             self.patches = self.patches.pin_memory()
         return self
 
-    def to_device(self, device: torch.device | str) -> torch.Tensor:
+    def to_device(self, device: torch.device | str, copy_stream: "torch.cuda.Stream | None" = None) -> torch.Tensor:
         """(n, read_px, read_px, 3) uint8 patches on ``device``, whichever path made them: decoded
-        patches are copied (from pinned memory on CUDA, without blocking); tile streams are decoded
+        patches are copied (from pinned memory on CUDA, without blocking, on ``copy_stream`` when
+        given, so the copy overlaps the encoder's work on the compute stream); tile streams are decoded
         there in one batch and the cells cut on the device. Sets ``decoder`` and, on a fallback,
         ``fallback``. Raises :class:`~wsi_embed.errors.WsiEmbedError` for a tile no decoder reads."""
         if self.raw is not None:
@@ -98,7 +99,14 @@ class RegionBatch:
             return done.patches
         if self.patches is None:
             raise ValueError(f"region {self.region} has no patches: {self.error}")
-        return self.patches.to(device, non_blocking=True)
+        if copy_stream is None:
+            return self.patches.to(device, non_blocking=True)
+        compute = torch.cuda.current_stream(device)
+        with torch.cuda.stream(copy_stream):
+            patches = self.patches.to(device, non_blocking=True)
+        compute.wait_stream(copy_stream)  # work queued from here on waits for the copy; earlier work does not
+        patches.record_stream(compute)  # its memory is not reused before the compute stream is done with it
+        return patches
 
 
 def region_task(slide_key: int, path: str, backend: str, grid: Grid, region: Region,

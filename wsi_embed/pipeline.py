@@ -308,6 +308,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
     stats = stats if stats is not None else RunStats()
     stats.workers = workers
     executor = Executor(lambda: models_.runners, device, opts, stats, progress)
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # host-to-device copies
     begun: set[int] = set()
     started = time.perf_counter()
     items = None
@@ -334,7 +335,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 done = executor.add(run, item.region, None)
             else:
                 try:
-                    patches = item.to_device(device)  # pinned copy, or the tiles decoded there
+                    patches = item.to_device(device, copy_stream)  # pinned copy, or the tiles decoded there
                 except torch.cuda.OutOfMemoryError as exc:
                     raise InvalidOption(f"the GPU ran out of memory at --batch-size {opts.batch_size}; "
                                         "lower --batch-size") from exc
