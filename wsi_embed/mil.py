@@ -203,7 +203,12 @@ class BagDataset(torch.utils.data.Dataset):
         if split is not None:
             if table.splits is None:
                 raise LabelsError(f"{table.path}: split={split!r} asked for, but there is no 'split' column")
-            rows = [i for i in rows if table.splits[i].lower() == split.lower()]
+            same = (lambda v: v.lower() in _VAL_NAMES) if split.lower() in _VAL_NAMES else (
+                lambda v: v.lower() == split.lower())
+            rows = [i for i in rows if same(table.splits[i])]
+            if not rows:
+                raise LabelsError(f"{table.path}: no row has split {split!r} (values: "
+                                  f"{', '.join(sorted(set(table.splits)))})")
         self.table = table.select(rows)
         self.classes: tuple[str, ...] = table.classes
         self.paths: list[str] = []
