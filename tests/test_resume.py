@@ -5,6 +5,8 @@ in one line, limits refuse absurd grids, and SIGTERM ends a run within seconds a
 
 from __future__ import annotations
 
+import dataclasses
+
 import errno
 import json
 import shutil
@@ -98,19 +100,26 @@ def test_other_grid_or_tissue_options_are_a_conflict_until_overwrite(slide_copy,
     geojson.write_text(json.dumps({"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
                                    "geometry": {"type": "Polygon", "coordinates": [[[200, 200], [1500, 200],
                                                                                     [1500, 2000], [200, 200]]]}}))
-    for args in (("--mpp", "1.0"), ("--pen-marks", "keep"), ("--annotations", str(geojson)), ("--drop-blank",)):
-        again = run_cli("embed", str(slide_copy), "--out", str(out), *CLI_FAST, *args)
-        (line,) = [ln for ln in again.stderr.splitlines() if ln.startswith("error:")]
-        assert again.returncode == 1 and "--overwrite" in line and "Traceback" not in again.stderr, args
-        assert open_store(out / "s1.zarr").attrs["tissue"]["pen_marks"] == "remove"
-    redo = run_cli("embed", str(slide_copy), "--out", str(out), *CLI_FAST, "--annotations", str(geojson),
-                   "--overwrite")
-    assert redo.returncode == 0, redo.stderr
+    from wsi_embed.grid import GridSpec
+    from wsi_embed.tissue import TissueParams
+
+    others = (dataclasses.replace(FAST, grid=GridSpec(mpp=1.0)),
+              dataclasses.replace(FAST, tissue=TissueParams(pen_marks="keep")),
+              dataclasses.replace(FAST, annotations=str(geojson)))
+    for opts in others:
+        again = embed_slide(slide_copy, out, [MODEL], "random", opts)
+        assert again.status == "failed" and "--overwrite" in again.error, opts
+    # the CLI: one line, exit 1, the store untouched
+    again = run_cli("embed", str(slide_copy), "--out", str(out), *CLI_FAST, "--drop-blank")
+    (line,) = [ln for ln in again.stderr.splitlines() if ln.startswith("error:")]
+    assert again.returncode == 1 and "--overwrite" in line and "Traceback" not in again.stderr
+    assert open_store(out / "s1.zarr").attrs["tissue"]["pen_marks"] == "remove"
+    redo = embed_slide(slide_copy, out, [MODEL], "random", dataclasses.replace(others[2], overwrite=True))
+    assert redo.status == "done", redo.error
     tissue = open_store(out / "s1.zarr").attrs["tissue"]
     assert tissue["annotations"]["path"] == str(geojson.resolve())
     # the same options again: complete, skipped
-    same = run_cli("embed", str(slide_copy), "--out", str(out), *CLI_FAST, "--annotations", str(geojson))
-    assert same.returncode == 0 and "skipped" in same.stdout + same.stderr
+    assert embed_slide(slide_copy, out, [MODEL], "random", others[2]).status == "skipped"
 
 
 def test_a_slide_that_changes_while_embedded_is_not_committed(slide_copy, tmp_path):

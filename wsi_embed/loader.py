@@ -28,6 +28,8 @@ from .decode import CPU_PLAN, CpuFallback, DecodePlan, RawTiles, collect_raw, de
 from .errors import WsiEmbedError
 from .grid import Grid, Region
 from .slide import Slide, open_slide
+from . import slots
+from .slots import Slot, SlotPool, pool_for
 from .tiles import TileSource
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class RegionBatch:
     decoder: str = ""  # what decoded these patches (for a raw region: known after to_device)
     fallback: str | None = None  # why these patches were not decoded on the device as asked
     decode_s: float = 0.0  # main-process time decoding and cutting a raw region (in to_device)
+    slot: Slot | None = None  # patches written into a shared slot by a worker (see wsi_embed.slots)
 
     @property
     def count(self) -> int:
@@ -79,9 +82,16 @@ class RegionBatch:
             return int(self.patches.shape[0])
         return len(self.raw) if self.raw is not None else 0
 
+    def __setstate__(self, state: dict) -> None:
+        """Arriving from a worker: its slot becomes ``patches``, viewing the shared memory (the
+        slot is free again once those views are gone), whatever is done with this region next."""
+        self.__dict__.update(state)
+        if self.slot is not None:
+            self.patches, self.slot = pool_for(self.slot).lease(self.slot), None
+
     def pin_memory(self) -> "RegionBatch":  # called by DataLoader's pin thread
         if self.patches is not None:
-            self.patches = self.patches.pin_memory()
+            self.patches = self.patches.pin_memory()  # the slot's view is dropped here: it is free again
         return self
 
     def to_device(self, device: torch.device | str, copy_stream: "torch.cuda.Stream | None" = None) -> torch.Tensor:
@@ -131,24 +141,26 @@ def _patch_tensor(n: int, size: int) -> torch.Tensor:
     return out
 
 
-def cut_patches(block: np.ndarray, offsets: Iterable[tuple[int, int]], size: int) -> torch.Tensor:
+def cut_patches(block: np.ndarray, offsets: Iterable[tuple[int, int]], size: int,
+                out: np.ndarray | None = None) -> torch.Tensor:
     offsets = list(offsets)
-    out = _patch_tensor(len(offsets), size)
-    view = out.numpy()
+    patches = _patch_tensor(len(offsets), size) if out is None else torch.from_numpy(out)
+    view = patches.numpy()
     for i, (x, y) in enumerate(offsets):
         view[i] = block[y : y + size, x : x + size]
-    return out
+    return patches
 
 
-def read_cells_native(tiles: TileSource, task: ReadTask) -> torch.Tensor:
-    """Each cell straight from the raw tiles it touches; a tile shared by cells is decoded once."""
-    out = _patch_tensor(len(task.offsets), task.read_px)
-    view = out.numpy()
+def read_cells_native(tiles: TileSource, task: ReadTask, out: np.ndarray | None = None) -> torch.Tensor:
+    """Each cell straight from the raw tiles it touches; a tile shared by cells is decoded once.
+    ``out``: the (n, read_px, read_px, 3) uint8 array to fill (default: a new tensor)."""
+    patches = _patch_tensor(len(task.offsets), task.read_px) if out is None else torch.from_numpy(out)
+    view = patches.numpy()
     decoded: dict = {}
     x0, y0 = task.level_xy
     for i, (x, y) in enumerate(task.offsets):
         tiles.read_into(task.level, x0 + x, y0 + y, view[i], decoded)
-    return out
+    return patches
 
 
 class _HandleCache:
@@ -202,7 +214,17 @@ _HANDLES_BY_THREAD = _ThreadHandles()
 
 
 class RegionDataset(Dataset):
-    """Maps a task to its patches. Read errors come back as data, so one bad slide stops only itself."""
+    """Maps a task to its patches. Read errors come back as data, so one bad slide stops only itself.
+
+    With a ``pool`` (loader workers), patches are written into a shared slot and only the slot's
+    number crosses processes."""
+
+    def __init__(self, pool: SlotPool | None = None):
+        self.pool = pool
+
+    def _out(self, task: ReadTask) -> tuple[Slot | None, np.ndarray | None]:
+        taken = self.pool.take((len(task.offsets), task.read_px, task.read_px, 3)) if self.pool else None
+        return taken if taken is not None else (None, None)
 
     def __getitem__(self, task):
         if isinstance(task, EndOfSlide):
@@ -222,15 +244,21 @@ class RegionDataset(Dataset):
                         fallback = str(exc)
                 else:
                     fallback = "not a tiled TIFF level this loader reads natively"
-            if native:
-                patches = read_cells_native(tiles, task)
-                decoder = tiles.levels[task.level].decoder
-            else:
-                block = slide.read_region(task.location, task.level, task.size)
-                patches = cut_patches(block, task.offsets, task.read_px)
-                decoder = f"read_region ({slide.backend})"
-            return RegionBatch(task.slide_key, task.region, patches, read_s=time.perf_counter() - started,
-                               decoder=decoder, fallback=fallback)
+            slot, out = self._out(task)
+            try:
+                if native:
+                    patches = read_cells_native(tiles, task, out)
+                    decoder = tiles.levels[task.level].decoder
+                else:
+                    block = slide.read_region(task.location, task.level, task.size)
+                    patches = cut_patches(block, task.offsets, task.read_px, out)
+                    decoder = f"read_region ({slide.backend})"
+            except BaseException:
+                if slot is not None:
+                    self.pool.put_back(slot)
+                raise
+            return RegionBatch(task.slide_key, task.region, None if slot else patches,
+                               read_s=time.perf_counter() - started, decoder=decoder, fallback=fallback, slot=slot)
         except WsiEmbedError as exc:
             return RegionBatch(task.slide_key, task.region, None, str(exc))
         except Exception as exc:  # the slide's own failure, reported per slide, not a crash
@@ -274,16 +302,25 @@ def default_workers(device_type: str = "cuda") -> int:
     return max(1, min(16, cores))
 
 
+# A slot holds the largest region a worker usually sends: 8 x 8 cells of 448 px reads (224 px at 40x).
+SLOT_BYTES = 64 * 448 * 448 * 3
+
+
 def make_loader(tasks: Iterator, *, workers: int, pin_memory: bool, prefetch: int = 4,
                 yield_cpu: bool = False) -> DataLoader:
     """``yield_cpu``: workers run at a lower priority than the main process, so decoding fills
-    the gaps instead of stalling the encoder's threads (CPU) or the thread feeding the GPU."""
-    kwargs = {}
+    the gaps instead of stalling the encoder's threads (CPU) or the thread feeding the GPU.
+
+    Workers write patches into a :class:`~wsi_embed.slots.SlotPool` with a slot for every region in
+    flight (``workers * prefetch``) and as many again for those the main process still holds; only
+    the pages of slots in use are ever touched."""
+    kwargs, pool = {}, None
     if workers > 0:
         init = functools.partial(_worker_init, nice=10 if yield_cpu else 0)
         kwargs = dict(prefetch_factor=prefetch, worker_init_fn=init, persistent_workers=False)
+        pool = SlotPool(2 * workers * prefetch + 8, SLOT_BYTES) if slots.usable() else None
     return DataLoader(
-        RegionDataset(), batch_size=None, sampler=TaskFeed(tasks), num_workers=workers,
+        RegionDataset(pool), batch_size=None, sampler=TaskFeed(tasks), num_workers=workers,
         pin_memory=pin_memory, collate_fn=None, **kwargs,
     )
 
