@@ -86,8 +86,17 @@ def planted_cohort(tmp_path_factory, sample_slide) -> dict:
         for row in rows:
             writer.writerow([row["slide_id"], row["label"], row["patient_id"]])
     out = root / "out"
-    # default --pen-marks remove: the planted stain is not marker ink and must stay tissue
-    done = run_cli("embed", str(root / "slides"), "--out", str(out), "--model", "timm:test_vit",
-                   "--weights", "random", "--workers", "0", "--batch-size", "32")
-    assert done.returncode == 0, done.stderr
+    # what `wsi-embed embed SLIDES --out OUT --model timm:test_vit --weights random --workers 0
+    # --batch-size 32` runs, in-process (no interpreter and torch start-up): the cohort run, then the
+    # run record, the maps and report.html (test_report reads them).
+    # default pen_marks remove: the planted stain is not marker ink and must stay tissue
+    from wsi_embed import EmbedOptions
+    from wsi_embed.cohort import plan_cohort, run_cohort
+    from wsi_embed.report import finish_run
+
+    summary = run_cohort(plan_cohort([root / "slides"]), out, ["timm:test_vit"], "random",
+                         EmbedOptions(workers=0, batch_size=32, prepare_processes=0))
+    assert summary.ok and summary.done == len(rows), [r.error for r in summary.results]
+    extras = finish_run(out, summary)
+    assert not extras.warnings, extras.warnings
     return {"slides": rows, "labels": labels, "out": out, "encoder": "timm:test_vit"}

@@ -12,11 +12,15 @@ import torch
 import zarr
 
 from tests.conftest import run_cli
-from wsi_embed import open_store
+from wsi_embed import EmbedOptions, open_store
 from wsi_embed.artefacts import BLANK_THRESHOLD, BLUR_THRESHOLD, patch_measures
+from wsi_embed.cohort import plan_cohort, run_cohort
 
 ENC, OTHER = "timm:test_vit", "timm:test_resnet"
-RUN = ("--model", ENC, "--weights", "random", "--workers", "0", "--batch-size", "32")
+# in-process, as `wsi-embed embed SLIDE --out OUT --workers 0 --batch-size 32 [--drop-blank|--drop-blurry]`
+# runs it (run_cohort also writes the manifest); the CLI's flags: test_resume_repair_and_a_second_encoder...
+# (--drop-blurry) and test_resume.py (--drop-blank)
+RUN = dict(workers=0, batch_size=32, prepare_processes=0)
 CELL = 224
 BLANK = (1, 4, 1, 4)  # rows r0..r1-1, cols c0..c1-1 of the planted areas (whole cells)
 BLURRED = (4, 8, 8, 12)
@@ -48,9 +52,9 @@ def slide(tmp_path_factory, sample_slide) -> Path:
 def runs(slide, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("runs")
     out = {}
-    for name, flags in (("none", ()), ("blank", ("--drop-blank",)), ("blurry", ("--drop-blurry",))):
-        done = run_cli("embed", str(slide), "--out", str(root / name), *flags, *RUN)
-        assert done.returncode == 0, done.stderr
+    for name, flags in (("none", {}), ("blank", {"drop_blank": True}), ("blurry", {"drop_blurry": True})):
+        done = run_cohort(plan_cohort([slide]), root / name, [ENC], "random", EmbedOptions(**RUN, **flags))
+        assert done.ok and done.done == 1, [r.error for r in done.results]
         out[name] = root / name / "planted.zarr"
     return out
 
@@ -116,20 +120,25 @@ def test_dropped_cells_leave_the_mask_and_the_counts_follow(runs, kind):
 def test_resume_repair_and_a_second_encoder_keep_the_drops(runs, slide):
     store = runs["blurry"]
     before = _arrays(store)["mask"]
-    again = run_cli("embed", str(slide), "--out", str(store.parent), "--drop-blurry", *RUN)
+    # the CLI once: its --drop-blurry must match the store's options, or this would be a conflict
+    again = run_cli("embed", str(slide), "--out", str(store.parent), "--drop-blurry", "--model", ENC,
+                    "--weights", "random", "--workers", "0", "--batch-size", "32")
     assert again.returncode == 0 and "skipped" in again.stdout
     chunk = sorted(p for p in (store / "mask" / "c").rglob("*") if p.is_file())[-1]
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
     assert run_cli("verify", str(store)).returncode != 0
-    repaired = run_cli("verify", str(store), "--repair", "--workers", "0")
-    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    # in-process `wsi-embed verify --repair --workers 0` (the CLI's --repair: test_verify.py)
+    from wsi_embed.verify import repair_store
+
+    repaired = repair_store(store, EmbedOptions(workers=0))
+    assert repaired.ok, repaired.line()
     assert np.array_equal(_arrays(store)["mask"], before)
     assert open_store(store).attrs["tissue"]["artefacts"]["drop_blurry"] is True
-    added = run_cli("embed", str(slide), "--out", str(store.parent), "--drop-blurry", "--model", OTHER,
-                    "--weights", "random", "--workers", "0")
-    assert added.returncode == 0, added.stderr
+    added = run_cohort(plan_cohort([slide]), store.parent, [OTHER], "random",
+                       EmbedOptions(workers=0, prepare_processes=0, drop_blurry=True))
+    assert added.ok and added.done == 1, [r.error for r in added.results]
     assert np.array_equal(_arrays(store)["mask"], before)
     assert set(open_store(store).encoders) == {ENC, OTHER}
     assert run_cli("verify", str(store)).returncode == 0

@@ -1,4 +1,8 @@
-"""Each bad input: one clear line naming the file and the fix, non-zero exit, no traceback, no store."""
+"""Each bad input: one clear line naming the file and the fix, non-zero exit, no traceback, no store.
+
+The per-slide failures (a missing path, not a slide, truncated, corrupt tiles, no mpp) are checked in
+one CLI run over all of them plus a good slide (one start-up of the CLI instead of one per input):
+each bad input must still get exactly one error line of its own, and the good slide is still embedded."""
 
 from __future__ import annotations
 
@@ -31,52 +35,75 @@ def out_dir(tmp_path):
     return tmp_path / "out"
 
 
-def test_missing_path(out_dir, tmp_path):
-    missing = tmp_path / "nope.svs"
-    proc = run_cli("embed", str(missing), "--out", str(out_dir), *FAST)
-    assert_clean_failure(proc, out_dir, str(missing), "no such file")
-
-
-def test_not_a_slide(out_dir, tmp_path):
-    path = tmp_path / "notes.svs"
-    path.write_text("this is a text file\n")
-    proc = run_cli("embed", str(path), "--out", str(out_dir), *FAST)
-    assert_clean_failure(proc, out_dir, str(path), "not a whole-slide image")
-
-
-@pytest.mark.parametrize("cut", [0.3, 0.9])
-def test_truncated_slide(out_dir, tmp_path, sample_slide, cut):
-    data = sample_slide.read_bytes()
-    path = tmp_path / "truncated.svs"
-    path.write_bytes(data[: int(len(data) * cut)])
-    proc = run_cli("embed", str(path), "--out", str(out_dir), *FAST)
-    assert_clean_failure(proc, out_dir, str(path), "truncated or corrupt")
-
-
-def test_corrupt_tiles(out_dir, tmp_path, sample_slide):
-    """Headers intact, JPEG tile data garbage: the failure comes while reading pixels, mid-run."""
+@pytest.fixture(scope="module")
+def bad_run(tmp_path_factory, sample_slide) -> dict:
+    """One `wsi-embed embed BAD... good.svs` run. Keys: ``paths`` (kind -> input path; ``good`` last),
+    ``proc`` (the completed process), ``out``."""
     import numpy as np
     import tifffile
 
+    from sample_data.synthetic import make_slide
+
+    root = tmp_path_factory.mktemp("bad_input")
+    paths = {"missing": root / "nope.svs"}
+    paths["not_a_slide"] = root / "notes.svs"
+    paths["not_a_slide"].write_text("this is a text file\n")
+    data = sample_slide.read_bytes()
+    for cut in (0.3, 0.9):
+        paths[f"truncated_{cut}"] = root / f"truncated-{int(cut * 100)}.svs"
+        paths[f"truncated_{cut}"].write_bytes(data[: int(len(data) * cut)])
+    # headers intact, JPEG tile data garbage: the failure comes while reading pixels, mid-run
     with tifffile.TiffFile(sample_slide) as tf:
         page = tf.pages[0]
         offsets, counts = page.dataoffsets, page.databytecounts
-    data = bytearray(sample_slide.read_bytes())
+    corrupt = bytearray(data)
     rng = np.random.default_rng(0)
     for i in range(len(offsets) // 3, 2 * len(offsets) // 3):  # the middle third of level 0
-        data[offsets[i] + 2 : offsets[i] + counts[i]] = rng.integers(0, 256, counts[i] - 2, dtype=np.uint8).tobytes()
-    path = tmp_path / "corrupt.svs"
-    path.write_bytes(bytes(data))
-    proc = run_cli("embed", str(path), "--out", str(out_dir), *FAST)
-    assert_clean_failure(proc, out_dir, str(path), "corrupt")
+        corrupt[offsets[i] + 2 : offsets[i] + counts[i]] = rng.integers(0, 256, counts[i] - 2, dtype=np.uint8).tobytes()
+    paths["corrupt"] = root / "corrupt.svs"
+    paths["corrupt"].write_bytes(bytes(corrupt))
+    paths["no_mpp"] = make_slide(root / "nompp.tif", width=1600, height=1200, write_mpp=False)
+    paths["good"] = root / "good.svs"
+    shutil.copy(sample_slide, paths["good"])
+    out = root / "out"
+    proc = run_cli("embed", *(str(p) for p in paths.values()), "--out", str(out), *FAST)
+    return {"paths": paths, "proc": proc, "out": out}
 
 
-def test_slide_without_mpp(out_dir, tmp_path, sample_slide):
-    from sample_data.synthetic import make_slide
+def assert_slide_failed_cleanly(bad_run, kind, *must_contain):
+    """The run failed (exit 1, no traceback); this input has exactly one error line, naming it and the
+    fix; it left no store and no temporary behind."""
+    proc, out, path = bad_run["proc"], bad_run["out"], bad_run["paths"][kind]
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = [line for line in error_lines(proc.stderr) if str(path) in line]
+    assert len(lines) == 1, proc.stderr
+    for text in (str(path), *must_contain):
+        assert text in lines[0], lines[0]
+    assert not (out / f"{path.stem}.zarr").exists() and not list(out.glob(f".{path.stem}*"))
 
-    path = make_slide(tmp_path / "nompp.tif", width=1600, height=1200, write_mpp=False)
-    proc = run_cli("embed", str(path), "--out", str(out_dir), *FAST)
-    assert_clean_failure(proc, out_dir, str(path), "--slide-mpp")
+
+def test_missing_path(bad_run):
+    assert_slide_failed_cleanly(bad_run, "missing", "no such file")
+
+
+def test_not_a_slide(bad_run):
+    assert_slide_failed_cleanly(bad_run, "not_a_slide", "not a whole-slide image")
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.9])
+def test_truncated_slide(bad_run, cut):
+    assert_slide_failed_cleanly(bad_run, f"truncated_{cut}", "truncated or corrupt")
+
+
+def test_corrupt_tiles(bad_run):
+    """Headers intact, JPEG tile data garbage: the failure comes while reading pixels, mid-run."""
+    assert_slide_failed_cleanly(bad_run, "corrupt", "corrupt")
+
+
+def test_slide_without_mpp(bad_run, out_dir, tmp_path):
+    assert_slide_failed_cleanly(bad_run, "no_mpp", "--slide-mpp")
+    path = shutil.copy(bad_run["paths"]["no_mpp"], tmp_path / "nompp.tif")
     proc = run_cli("embed", str(path), "--out", str(out_dir), "--slide-mpp", "0.5", *FAST)
     assert proc.returncode == 0, proc.stderr
     from wsi_embed import open_store
@@ -93,12 +120,14 @@ def test_output_directory_not_writable(tmp_path, sample_slide):
     assert_clean_failure(proc, tmp_path / "nothing-here", str(out_dir), "--out")
 
 
-def test_one_bad_slide_does_not_stop_the_others(out_dir, tmp_path, sample_slide):
-    bad = tmp_path / "bad.svs"
-    bad.write_bytes(b"II*\x00" + bytes(100))
-    good = tmp_path / "good.svs"
-    shutil.copy(sample_slide, good)
-    proc = run_cli("embed", str(bad), str(good), "--out", str(out_dir), *FAST)
+def test_one_bad_slide_does_not_stop_the_others(bad_run):
+    proc, out, paths = bad_run["proc"], bad_run["out"], bad_run["paths"]
     assert proc.returncode == 1
-    assert (out_dir / "good.zarr").is_dir() and not (out_dir / "bad.zarr").exists()
-    assert len(error_lines(proc.stderr)) == 1 and str(bad) in proc.stderr
+    assert (out / "good.zarr").is_dir()
+    assert "summary: 7 slides: 1 done, 0 skipped, 6 failed" in proc.stdout, proc.stdout
+    bad = [p for kind, p in paths.items() if kind != "good"]
+    lines = error_lines(proc.stderr)
+    assert len(lines) == len(bad), proc.stderr  # one line per bad slide, none for the good one
+    assert sorted(next(i for i, p in enumerate(bad) if str(p) in line) for line in lines) == list(range(len(bad)))
+    assert str(paths["good"]) not in proc.stderr
+    assert sorted(p.name for p in out.glob("*.zarr")) == ["good.zarr"] and not list(out.glob(".*"))

@@ -75,6 +75,10 @@ def test_sample_slide_end_to_end_cli(sample_slide, torch_home, tmp_path):
     assert proc.returncode == 0, proc.stderr
     store_dir = out / "CMU-1-Small-Region.zarr"
     assert str(store_dir) in proc.stdout and str(out / "CMU-1-Small-Region.qc.png") in proc.stdout
+    # after the run the CLI draws the maps by default (--no-maps: test_maps.py::test_maps_off), writes
+    # the run record and report.html (the planted cohort's in-process run is checked in test_maps.py)
+    assert (out / "CMU-1-Small-Region.lunit-bt-rn50.map.png").is_file()
+    assert (out / "runs.jsonl").is_file() and f"report: {out / 'report.html'}" in proc.stdout
     store = open_store(store_dir)
     attrs = store.attrs
     assert attrs["slide"]["mpp"] == pytest.approx(0.499) and attrs["slide"]["mpp_source"] == "metadata"
@@ -146,9 +150,16 @@ def test_empty_slides_give_valid_empty_stores(kind, tmp_path, sample_slide):
         path = make_slide(tmp_path / "tiny.tif", width=200, height=160, mpp=0.5)
     else:
         path = make_slide(tmp_path / "glass.tif", width=2048, height=1536, mpp=0.5, tissue_boxes=[])
-    proc = run_cli("embed", str(path), "--out", str(tmp_path / "out"), "--model", "timm:test_vit",
-                   "--weights", "random", "--workers", "0")
-    assert proc.returncode == 0, proc.stderr
+    # in-process, what `wsi-embed embed PATH --out OUT --model timm:test_vit --weights random --workers 0`
+    # runs: the cohort run (its exit code is the CLI's) and the maps and report after it
+    from wsi_embed.cohort import plan_cohort, run_cohort
+    from wsi_embed.report import finish_run
+
+    summary = run_cohort(plan_cohort([path]), tmp_path / "out", ["timm:test_vit"], "random",
+                         EmbedOptions(workers=0, prepare_processes=0))
+    assert summary.exit_code == 0 and summary.done == 1, [r.error for r in summary.results]
+    extras = finish_run(tmp_path / "out", summary)
+    assert extras.report is not None and extras.report.exists(), extras.warnings
     store = open_store(tmp_path / "out" / f"{path.stem}.zarr")
     assert store.mask.sum() == 0
     emb = store.embeddings("timm:test_vit")

@@ -33,6 +33,8 @@ def stores(planted_cohort):
 
 
 def test_embed_writes_maps_report_and_run_record(planted_cohort):
+    # the planted cohort's run: run_cohort then finish_run, as the CLI's embed runs them (that the CLI
+    # calls them: test_embed.py::test_sample_slide_end_to_end_cli and test_maps_off)
     out = planted_cohort["out"]
     for row in planted_cohort["slides"]:
         path = out / f"{row['slide_id']}.timm-test_vit.map.png"

@@ -1,6 +1,8 @@
-"""User tissue masks and GeoJSON annotations, on the real CLI: exact cells for an annotation with a
-hole, class filters and labels, masks at any scale, ``--list`` columns, and one clear error per bad
-file (that slide fails alone)."""
+"""User tissue masks and GeoJSON annotations: exact cells for an annotation with a hole, class
+filters and labels, masks at any scale, ``--list`` columns, and one clear error per bad file (that
+slide fails alone). The CLI runs where its flags are what is tested (--annotations with
+--annotation-classes, --tissue-mask, the up-front refusal); the rest runs in-process, as the CLI's
+``embed`` does (``plan_cohort`` then ``run_cohort``), without a new interpreter each time."""
 
 from __future__ import annotations
 
@@ -15,10 +17,19 @@ import zarr
 from PIL import Image
 
 from tests.conftest import run_cli
-from wsi_embed import open_store
+from wsi_embed import EmbedOptions, open_store
+from wsi_embed.cohort import parse_shard, plan_cohort, run_cohort
+from wsi_embed.errors import InvalidOption
 
 ENC = "timm:test_vit"
 RUN = ("--model", ENC, "--weights", "random", "--workers", "0", "--batch-size", "32")
+
+
+def embed(inputs=(), out=None, list_file=None, **options):
+    """In-process `wsi-embed embed INPUTS|--list FILE --out OUT *RUN [options]`: its summary."""
+    opts = EmbedOptions(workers=0, batch_size=32, prepare_processes=0, **options)
+    jobs = plan_cohort([str(i) for i in inputs], list_file, out_dir=out, options=opts)
+    return run_cohort(jobs, out, [ENC], "random", opts)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +45,8 @@ def slide(tmp_path_factory, sample_slide) -> Path:
 @pytest.fixture(scope="module")
 def baseline(slide, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("baseline")
-    done = run_cli("embed", str(slide), "--out", str(out), *RUN)
-    assert done.returncode == 0, done.stderr
+    done = embed([slide], out)
+    assert done.exit_code == 0 and done.done == 1, [r.error for r in done.results]
     return out / "base.zarr"
 
 
@@ -93,8 +104,8 @@ def test_an_annotation_with_a_hole_gives_exactly_its_cells(slide, baseline, tmp_
     assert len(feats) == store.mask.sum() and np.isfinite(feats).all()
 
     out2 = tmp_path / "all"
-    done = run_cli("embed", str(slide), "--out", str(out2), "--annotations", str(geojson), *RUN)
-    assert done.returncode == 0, done.stderr
+    done = embed([slide], out2, annotations=str(geojson))
+    assert done.exit_code == 0 and done.done == 1, [r.error for r in done.results]
     both = open_store(out2 / "base.zarr")
     assert np.array_equal(both.mask, base.mask & (ring | stroma))
     labels = zarr.open_group(str(out2 / "base.zarr"), mode="r")["annotation"][...]
@@ -129,8 +140,8 @@ def test_a_mask_at_another_scale_gives_the_same_cells(slide, baseline, tmp_path)
         writer.writerow(["slides/thumbscale.tif", "masks/thumbscale.png"])  # relative to the list
         writer.writerow(["slides/bigger.tif", str(masks / "bigger.tiff")])
     out = tmp_path / "out"
-    done = run_cli("embed", "--list", str(listing), "--out", str(out), *RUN)
-    assert done.returncode == 0, done.stderr
+    done = embed(out=out, list_file=listing)
+    assert done.exit_code == 0 and done.done == 2, [r.error for r in done.results]
     a, b = open_store(out / "thumbscale.zarr"), open_store(out / "bigger.zarr")
     assert np.array_equal(a.mask, b.mask)
     assert a.attrs["tissue"]["method"] == "user mask" and a.attrs["tissue"]["mask_path"].endswith("thumbscale.png")
@@ -148,7 +159,7 @@ def _write_list(path: Path, rows: list[dict]) -> None:
             writer.writerow(row)
 
 
-def test_each_bad_mask_or_annotation_fails_its_slide_alone_in_one_line(slide, baseline, tmp_path):
+def test_each_bad_mask_or_annotation_fails_its_slide_alone_in_one_line(slide, baseline, tmp_path, caplog):
     base = open_store(baseline)
     files = tmp_path / "files"
     files.mkdir()
@@ -180,16 +191,18 @@ def test_each_bad_mask_or_annotation_fails_its_slide_alone_in_one_line(slide, ba
     listing = tmp_path / "slides.csv"
     _write_list(listing, rows)
     out = tmp_path / "out"
-    done = run_cli("embed", "--list", str(listing), "--out", str(out), *RUN)
-    text = done.stdout + done.stderr
-    assert done.returncode == 1 and "Traceback" not in text
+    # in-process (the CLI prints each failed result's error as one `error:` line: test_cohort.py's
+    # test_cohort_with_a_bad_slide_and_same_names; its --list: test_store_rules.py)
+    done = embed(out=out, list_file=listing)
+    assert done.exit_code == 1 and not any(r.exc_info for r in caplog.records), "no traceback for a bad file"
     assert (out / "good.zarr").is_dir()
+    results = {r.slide_id: r for r in done.results}
     manifest = {r["slide_id"]: r for r in csv.DictReader((out / "manifest.csv").open())}
     for sid, (mask, ann, says) in cases.items():
         error = manifest[sid]["error"]
         assert manifest[sid]["status"] == "failed" and says in error, (sid, error)
         assert str(mask or ann) in error and "\n" not in error, error
-        assert f"error: {error}" in text
+        assert results[sid].status == "failed" and results[sid].error == error
         assert not (out / f"{sid}.zarr").exists()
     assert manifest["good"]["status"] == "done"
 
@@ -225,9 +238,11 @@ def test_one_annotation_file_for_several_slides_is_refused(slide, tmp_path):
     (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert done.returncode == 1 and str(one) in line and "2 slides" in line and "folder" in line
     assert not list(out.glob("*.zarr")) if out.exists() else True
-    # a shard of one slide must not hide it: the cohort is checked before it is sharded
-    shard = run_cli("embed", str(slides), "--out", str(out), "--annotations", str(one), "--shard", "0/2", *RUN)
-    assert shard.returncode == 1 and "2 slides would use it" in shard.stderr
+    # a shard of one slide must not hide it: the cohort is checked before it is sharded (in-process:
+    # what the CLI's `--shard 0/2` plans)
+    with pytest.raises(InvalidOption, match="2 slides would use it"):
+        plan_cohort([slides], shard=parse_shard("0/2"), out_dir=out,
+                    options=EmbedOptions(workers=0, annotations=str(one)))
 
 
 def test_class_names_of_other_exporters():

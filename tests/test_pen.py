@@ -1,5 +1,6 @@
 """Pen marks: a slide of real tissue with blue, green, red and black marker strokes over tissue and
-glass (``sample_data.ink``), embedded on the real CLI beside its clean twin."""
+glass (``sample_data.ink``), embedded beside its clean twin (in-process, as the CLI's ``embed`` does;
+the CLI's own --pen-marks parsing is tested by test_a_bad_pen_marks_value_is_one_line)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import zarr
 from PIL import Image
 
 from tests.conftest import run_cli
-from wsi_embed import open_store
+from wsi_embed import EmbedOptions, SlideJob, embed_slides, open_store
 
 ENC = "timm:test_vit"
 COVERED = 0.25  # a cell is ink-covered when the drawn ink covers at least a quarter of it
@@ -22,12 +23,17 @@ def inked(tmp_path_factory, sample_slide) -> dict:
     root = tmp_path_factory.mktemp("ink")
     made = make_ink_slide(root / "slides")
     out, kept = root / "out", root / "kept"
-    done = run_cli("embed", str(made["path"]), str(made["clean_path"]), "--out", str(out), "--model", ENC,
-                   "--weights", "random", "--workers", "0", "--batch-size", "32")
-    assert done.returncode == 0, done.stderr
-    keep = run_cli("embed", str(made["path"]), "--out", str(kept), "--model", ENC, "--weights", "random",
-                   "--workers", "0", "--batch-size", "32", "--pen-marks", "keep")
-    assert keep.returncode == 0, keep.stderr
+    from wsi_embed.tissue import TissueParams
+
+    # what `wsi-embed embed inked.tif clean.tif --workers 0 --batch-size 32 [--pen-marks keep]` runs
+    opts = EmbedOptions(workers=0, batch_size=32, prepare_processes=0)
+    done = list(embed_slides([SlideJob(made["path"], "inked"), SlideJob(made["clean_path"], "clean")], out,
+                             [ENC], "random", opts))
+    assert [r.status for r in done] == ["done", "done"], [r.error for r in done]
+    keep = list(embed_slides([SlideJob(made["path"], "inked")], kept, [ENC], "random",
+                             EmbedOptions(workers=0, batch_size=32, prepare_processes=0,
+                                          tissue=TissueParams(pen_marks="keep"))))
+    assert [r.status for r in keep] == ["done"], [r.error for r in keep]
     return {**made, "out": out, "kept": kept}
 
 

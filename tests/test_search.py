@@ -271,9 +271,14 @@ def test_sections_of_one_block_find_each_other_first(tmp_path):
             write_pyramid(slides / f"block{i}_section{j}.tif", [rgb, area_downsample(rgb, 4)], mpp=0.5,
                           compression="jpeg", photometric="rgb", compressionargs={"level": quality})
     out = tmp_path / "out"
-    done = run_cli("embed", str(slides), "--out", str(out), "--model", "timm:test_vit", "--weights", "random",
-                   "--workers", "0", "--no-maps")
-    assert done.returncode == 0, done.stderr
+    # in-process, what `wsi-embed embed SLIDES --out OUT --model timm:test_vit --weights random
+    # --workers 0 --no-maps` runs
+    from wsi_embed import EmbedOptions
+    from wsi_embed.cohort import plan_cohort, run_cohort
+
+    done = run_cohort(plan_cohort([slides]), out, ["timm:test_vit"], "random",
+                      EmbedOptions(workers=0, prepare_processes=0))
+    assert done.exit_code == 0 and done.done == 2 * len(SECTION_BLOCKS), [r.error for r in done.results]
     index = build_index(out, "timm:test_vit")
     ids = [f"block{i}_section{j}" for i in range(len(SECTION_BLOCKS)) for j in (0, 1)]
     right = sum(search(index, slide=sid, top_k=1)["hits"][0]["slide_id"] == f"{sid[:-1]}{1 - int(sid[-1])}"
