@@ -14,7 +14,6 @@ Blood (bright red-orange) can pass for red marker; ``--pen-marks keep`` turns th
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 from PIL import Image
@@ -76,6 +75,3 @@ def detect_ink(rgb: np.ndarray, um_per_px: float, *, min_object_um2: float = 2_0
     log.debug("ink pixels by colour: %s", counts)
     return ink, counts
 
-
-def um_per_px(mpp_x: float, mpp_y: float) -> float:
-    return math.sqrt(mpp_x * mpp_y)
