@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from wsi_embed.grid import GridSpec, plan_grid, plan_regions
-from wsi_embed.loader import EndOfSlide, RegionBatch, make_loader, region_task
+from wsi_embed import loader as loader_module
+from wsi_embed.loader import BurstReader, EndOfSlide, RegionBatch, make_loader, region_task
 from wsi_embed.slots import Slot, SlotPool
 
 
@@ -69,3 +70,38 @@ def test_a_slot_crosses_processes_as_its_number_and_arrives_as_patches():
     gc.collect()
     assert pool.free() == 2
     assert isinstance(slot, Slot)
+
+
+def test_burst_reads_give_the_in_process_items_in_order_and_read_ahead_only_on_demand(tasks):
+    feed = [*tasks[:20], EndOfSlide(0), *tasks[20:], EndOfSlide(1)]
+    plain = list(make_loader(iter(feed), workers=0, pin_memory=False))
+    taken = []
+
+    def tracked():
+        for task in feed:
+            taken.append(task)
+            yield task
+
+    reader = make_loader(tracked(), workers=0, pin_memory=False, threads=2, burst=16)
+    assert isinstance(reader, BurstReader)
+    items = iter(reader)
+    first = next(items)
+    # 2 x 2-cell regions: one burst is the tasks covering 16 cells, read together before any is used
+    assert len(taken) == 4 and first.region == plain[0].region
+    burst = [first, *items]
+    assert len(burst) == len(plain)
+    for item, ref in zip(burst, plain):
+        if isinstance(ref, EndOfSlide):
+            assert isinstance(item, EndOfSlide) and item.slide_key == ref.slide_key
+        else:
+            assert (item.slide_key, item.region, item.error) == (ref.slide_key, ref.region, None)
+            assert torch.equal(item.patches, ref.patches)
+
+
+def test_burst_reader_closes_its_threads_slide_handles(tasks, monkeypatch):
+    closed = []
+    real_close = loader_module._close
+    monkeypatch.setattr(loader_module, "_close", lambda handles: (closed.append(handles), real_close(handles)))
+    reader = BurstReader(iter(tasks[:6]), threads=2, patches=8)
+    assert len(list(reader)) == 6
+    assert 1 <= len(closed) <= 2  # each thread that read opened the slide once, and closed it at the end

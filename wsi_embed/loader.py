@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -280,6 +281,40 @@ class TaskFeed(Sampler):
         return self._tasks
 
 
+class BurstReader:
+    """In-process reads for an encoder on the CPU: whenever the main thread needs patches, the
+    next regions (about ``patches`` cells) are read at once by ``threads`` threads (libjpeg-turbo
+    releases the GIL), and handed over only when all are done. Nothing reads while the encoder
+    computes, so decoding never competes with its threads, yet it uses every core.
+
+    Items come out in task order, as from a ``DataLoader`` without workers."""
+
+    def __init__(self, tasks: Iterator, *, threads: int, patches: int):
+        self._tasks = iter(tasks)
+        self.threads = max(1, threads)
+        self.patches = max(1, patches)
+
+    def _burst(self) -> list:
+        burst, cells = [], 0
+        for task in self._tasks:
+            burst.append(task)
+            cells += 0 if isinstance(task, EndOfSlide) else len(task.offsets)
+            if cells >= self.patches:
+                break
+        return burst
+
+    def __iter__(self) -> Iterator[RegionBatch | EndOfSlide]:
+        dataset, caches = RegionDataset(), []
+        try:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="wsi-embed-read",
+                                    initializer=lambda: caches.append(_HANDLES_BY_THREAD.cache)) as pool:
+                while burst := self._burst():
+                    yield from list(pool.map(dataset.__getitem__, burst))  # all read before any is used
+        finally:
+            for cache in caches:  # the threads' own slide handles
+                cache.clear()
+
+
 def _worker_init(_: int, *, nice: int = 0) -> None:
     _HANDLES_BY_THREAD.cache.clear()  # handles inherited through fork belong to the parent
     torch.set_num_threads(1)
@@ -307,13 +342,17 @@ SLOT_BYTES = 64 * 448 * 448 * 3
 
 
 def make_loader(tasks: Iterator, *, workers: int, pin_memory: bool, prefetch: int = 4,
-                yield_cpu: bool = False) -> DataLoader:
-    """``yield_cpu``: workers run at a lower priority than the main process, so decoding fills
+                yield_cpu: bool = False, threads: int = 0, burst: int = 512) -> DataLoader | BurstReader:
+    """``threads`` (no ``workers``): a :class:`BurstReader` reading ``burst`` cells at a time.
+
+    ``yield_cpu``: workers run at a lower priority than the main process, so decoding fills
     the gaps instead of stalling the encoder's threads (CPU) or the thread feeding the GPU.
 
     Workers write patches into a :class:`~wsi_embed.slots.SlotPool` with a slot for every region in
     flight (``workers * prefetch``) and as many again for those the main process still holds; only
     the pages of slots in use are ever touched."""
+    if workers == 0 and threads > 1:
+        return BurstReader(tasks, threads=threads, patches=burst)
     kwargs, pool = {}, None
     if workers > 0:
         init = functools.partial(_worker_init, nice=10 if yield_cpu else 0)
