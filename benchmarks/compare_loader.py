@@ -8,6 +8,7 @@ two sides alternate (old, new, then new, old, ...) so that drift on a shared mac
 
     python benchmarks/compare_loader.py --ref 1c1135e SLIDE [SLIDE ...] [--rounds 3] [--json OUT]
     python benchmarks/compare_loader.py --ref-tree /tmp/ref-1c1135e SLIDE ...
+    python benchmarks/compare_loader.py --workers 2 --threads 2 SLIDE  # new: 2 reading threads, old: 2 workers
     # a folder for --ref-tree:  mkdir -p D && git archive 1c1135e wsi_embed | tar -x -C D
 
 Loader-only is what ``wsi-embed bench`` reports as ``loader_patches_per_s``: read, decode and cut
@@ -19,6 +20,7 @@ each probe warms up on a few regions first, then times ``--repeats`` passes over
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -38,8 +40,9 @@ TODAY_REF = "1c1135e"  # "today's loader" before issue 9 (native tiles, one deco
 
 # -- the probe: runs inside one tree's interpreter ----------------------------------------------
 def probe(slides: Sequence[str], max_patches: int | None, workers: int | None, device: str, repeats: int,
-          settings: Sequence[str]) -> dict:
-    """Loader-only rate of the ``wsi_embed`` this interpreter imports, per slide."""
+          settings: Sequence[str], threads: int = 0) -> dict:
+    """Loader-only rate of the ``wsi_embed`` this interpreter imports, per slide. ``threads``: in-process
+    reading threads instead of ``workers``, where this tree's loader has them."""
     # An editable install of the current tree (pip install -e) adds a finder that serves any
     # wsi_embed.* module the old tree lacks from the current one: drop it, so each side runs only
     # its own code (checked below).
@@ -60,6 +63,12 @@ def probe(slides: Sequence[str], max_patches: int | None, workers: int | None, d
     from wsi_embed.loader import cpu_cores
 
     workers = min(16, cpu_cores()) if workers is None else workers
+    read = bench._loader_only
+    if threads and "threads" in inspect.signature(bench._loader_only).parameters:
+        workers = 0
+        read = functools.partial(bench._loader_only, threads=threads)
+    else:
+        threads = 0
     known = {f.name for f in dataclasses.fields(EmbedOptions)}
     applied, ignored = {}, []
     for item in settings:  # e.g. decode=cpu, only where this tree's EmbedOptions has the field
@@ -70,7 +79,8 @@ def probe(slides: Sequence[str], max_patches: int | None, workers: int | None, d
             ignored.append(key)
     opts = EmbedOptions(workers=workers, device=device, **applied)
     dev = torch.device(device)
-    out = {"wsi_embed": str(Path(wsi_embed.__file__).resolve().parent), "workers": workers, "device": device,
+    out = {"wsi_embed": str(Path(wsi_embed.__file__).resolve().parent), "workers": workers, "threads": threads,
+           "device": device,
            "applied": applied, "ignored": ignored, "slides": {}}
     plan_kwargs = {}
     if "decode" in applied and "decode" in inspect.signature(bench._plan).parameters:
@@ -79,11 +89,11 @@ def probe(slides: Sequence[str], max_patches: int | None, workers: int | None, d
         plan_kwargs["decode"] = resolve_decode(opts.decode, dev)
     for slide in slides:
         tasks, read_px = bench._plan([Path(slide)], opts, max_patches, **plan_kwargs)
-        bench._loader_only(tasks[: max(1, len(tasks) // 10)], workers, dev)  # warm-up: workers, handles, cache
+        read(tasks[: max(1, len(tasks) // 10)], workers, dev)  # warm-up: workers, handles, cache
         rates = []
         n = 0
         for _ in range(repeats):
-            n, seconds = bench._loader_only(tasks, workers, dev)
+            n, seconds = read(tasks, workers, dev)
             rates.append(round(n / seconds, 2) if seconds else 0.0)
         out["slides"][slide] = {"patches": n, "read_px": read_px, "regions": len(tasks), "rates": rates}
     here = out["wsi_embed"]
@@ -139,6 +149,8 @@ def _run_probe(tree: Path, args: argparse.Namespace, timeout: float | None) -> d
         cmd += ["--max-patches", str(args.max_patches)]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     for item in args.set or ():
         cmd += ["--set", item]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)}
@@ -180,6 +192,7 @@ def compare(args: argparse.Namespace, deadline: float | None = None) -> dict:
             first = runs[0]["slides"][slide]
             row[side] = {"median_patches_per_s": round(statistics.median(rates), 2), "rates": rates,
                          "patches": first["patches"], "read_px": first["read_px"], "workers": runs[0]["workers"],
+                         "threads": runs[0].get("threads", 0),
                          "applied": runs[0]["applied"], "ignored": runs[0]["ignored"]}
         if "old" in row and "new" in row and row["old"]["median_patches_per_s"]:
             row["new_over_old"] = round(row["new"]["median_patches_per_s"] / row["old"]["median_patches_per_s"], 3)
@@ -190,12 +203,14 @@ def compare(args: argparse.Namespace, deadline: float | None = None) -> dict:
 def markdown(result: dict) -> str:
     lines = [f"Loader-only patches/s, current tree vs {result['ref']} (device {result['device']}, median of "
              f"{result['rounds']} alternating rounds):", "",
-             "| slide | patches | read px | workers | old | new | new / old |", "|---|---|---|---|---|---|---|"]
+             "| slide | patches | read px | old: workers | new: workers, threads | old | new | new / old |",
+             "|---|---|---|---|---|---|---|---|"]
     for slide, row in result["slides"].items():
         old, new = row.get("old", {}), row.get("new", {})
         ref = new or old
         lines.append(f"| {Path(slide).name} | {ref.get('patches', '')} | {ref.get('read_px', '')} | "
-                     f"{ref.get('workers', '')} | {old.get('median_patches_per_s', '')} | "
+                     f"{old.get('workers', '')} | {new.get('workers', '')}, {new.get('threads', 0)} | "
+                     f"{old.get('median_patches_per_s', '')} | "
                      f"{new.get('median_patches_per_s', '')} | {row.get('new_over_old', '')} |")
     return "\n".join(lines) + "\n"
 
@@ -209,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=2, help="timed passes per probe")
     ap.add_argument("--max-patches", type=int, default=4096, help="tissue patches per slide (0: all)")
     ap.add_argument("--workers", type=int, default=None, help="loader workers on both sides (default min(16, cores))")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="in-process reading threads (burst reads, the CPU device's loader) instead of workers, "
+                         "on trees whose loader has them; the other tree uses --workers")
     ap.add_argument("--device", default="cpu", help="where batches go (cpu, or cuda: pinned copies included)")
     ap.add_argument("--set", action="append", metavar="FIELD=VALUE",
                     help="an EmbedOptions field for trees that have it (e.g. decode=cpu or decode=gpu: "
@@ -222,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.probe:
         print(json.dumps(probe([str(s) for s in args.slides], args.max_patches or None, args.workers, args.device,
-                               args.repeats, args.set or ())))
+                               args.repeats, args.set or (), args.threads)))
         return 0
     args.slides = [s.resolve() for s in args.slides]
     result = compare(args)

@@ -354,6 +354,13 @@ def main() -> int:
         cargv += ["--ref-tree", str(args.compare_tree)] if args.compare_tree else ["--ref", args.compare_ref]
         if args.workers is not None:
             cargv += ["--workers", str(args.workers)]
+        elif device == "cpu":
+            # like `wsi-embed bench`: the new tree's loader-only reads in-process with a thread per
+            # core (the CPU device's loader); a tree without burst reads uses worker processes
+            from wsi_embed.loader import cpu_cores, default_workers
+
+            if default_workers("cpu") == 0:
+                cargv += ["--threads", str(cpu_cores())]
         if decode_ok:
             cargv += ["--set", "decode=cpu"]  # like for like: the old loader decodes on the CPU
         cargs = build_parser().parse_args(cargv)

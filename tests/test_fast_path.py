@@ -79,5 +79,26 @@ def test_bench_reports_every_figure(sample_slide):
         assert d[key] is not None and d[key] > 0 or key == "loader_wait_fraction", (key, d[key])
     assert 0 <= d["loader_wait_fraction"] <= 1 and d["patches"] == 32
     assert d["machine"]["cores"] >= 1 and d["device"] == "cpu"
+    assert (d["loader_workers"], d["loader_threads"]) == (1, 0)  # as asked
     assert set(d["busy_fraction"]) == {"decode", "main_thread", "device"}
     assert all(0 <= v <= 1.01 for v in d["busy_fraction"].values()), d["busy_fraction"]
+
+
+def test_loader_only_reads_with_threads_where_a_cpu_device_decodes_in_process(sample_slide):
+    """The CPU device's loader is burst reads in-process; bench's loader-only measures that loader,
+    and the loader comparison can ask a tree for it."""
+    from benchmarks.compare_loader import probe
+    from wsi_embed import bench
+
+    tasks, _ = bench._plan([sample_slide], EmbedOptions(workers=0), 48)
+    n_plain, _ = bench._loader_only(tasks, 0, torch.device("cpu"))
+    n_threads, seconds = bench._loader_only(tasks, 0, torch.device("cpu"), threads=2, burst=16)
+    assert n_threads == n_plain == 48 and seconds > 0
+    result = probe([str(sample_slide)], 16, 2, "cpu", 1, (), threads=2)
+    (slide,) = result["slides"].values()
+    assert (result["workers"], result["threads"]) == (0, 2) and slide["patches"] == 16 and slide["rates"][0] > 0
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert bench.loader_only_readers(cpu, 0, None, cores=2) == (0, 2)  # in-process end to end: threads
+    assert bench.loader_only_readers(cpu, 1, None, cores=16) == (16, 0)  # workers end to end: every core
+    assert bench.loader_only_readers(cuda, 16, None, cores=32) == (16, 0)
+    assert bench.loader_only_readers(cpu, 0, 0, cores=2) == (0, 0)  # --workers 0 asked: one thread

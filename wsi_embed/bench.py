@@ -97,9 +97,22 @@ def _plan(paths: Sequence[Path], opts: EmbedOptions, max_patches: int | None, de
     return tasks, read_px
 
 
-def _loader_only(tasks, workers: int, device) -> tuple[int, float]:
+def loader_only_readers(device, workers: int, asked: int | None, cores: int | None = None) -> tuple[int, int]:
+    """(worker processes, in-process threads) for loader-only: every core (no encoder competes), in
+    the kind of loader end-to-end uses: workers, or one reading thread per core on a CPU device that
+    decodes in-process. ``asked``: ``--workers`` as given (used as it is)."""
+    if asked is not None:
+        return asked, 0
+    cores = cores or cpu_cores()
+    if device.type == "cpu" and workers == 0:
+        return 0, cores
+    return min(16, cores), 0
+
+
+def _loader_only(tasks, workers: int, device, threads: int = 0, burst: int = 512) -> tuple[int, float]:
     """Read, decode and cut into uint8 batches on the device. Conversion, resize and normalization
-    run on the device inside the encoder step, so they are counted in model-only."""
+    run on the device inside the encoder step, so they are counted in model-only. ``threads``
+    (no ``workers``): in-process burst reads, the loader a CPU device uses end to end."""
 
     def feed():
         yield from tasks
@@ -107,7 +120,7 @@ def _loader_only(tasks, workers: int, device) -> tuple[int, float]:
 
     n = 0
     t0 = time.perf_counter()
-    for item in make_loader(feed(), workers=workers, pin_memory=device.type == "cuda"):
+    for item in make_loader(feed(), workers=workers, pin_memory=device.type == "cuda", threads=threads, burst=burst):
         if isinstance(item, EndOfSlide):
             continue
         n += item.to_device(device).shape[0]
@@ -195,9 +208,7 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
     device = select_device(options.device)
     precision = select_precision(options.precision, device)
     workers = default_workers(device.type) if options.workers is None else options.workers
-    # the loader alone may use every core (no encoder competes); the pipeline's own default is
-    # what end-to-end uses
-    loader_workers = min(16, cpu_cores()) if options.workers is None else options.workers
+    loader_workers, loader_threads = loader_only_readers(device, workers, options.workers)
     opts = replace(options, workers=workers, qc=False)
     encoder = load_encoder(model, weights)
     runner = EncoderRunner(encoder, device, precision, compile=opts.compile)
@@ -205,7 +216,7 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
         torch.cuda.reset_peak_memory_stats(device)
     with PeakRss() as rss:
         tasks, read_px = _plan(paths, opts, max_patches, resolve_decode(opts.decode, device))
-        n_loader, t_loader = _loader_only(tasks, loader_workers, device)
+        n_loader, t_loader = _loader_only(tasks, loader_workers, device, loader_threads, 2 * opts.batch_size)
         model_rate = _model_only(runner, read_px or opts.grid.patch_px, opts.batch_size, n_loader, device)
         stats = RunStats()
         with tempfile.TemporaryDirectory(prefix="wsi-embed-bench-") as out:
@@ -235,6 +246,7 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
         "batch_size": opts.batch_size,
         "workers": workers,
         "loader_workers": loader_workers,
+        "loader_threads": loader_threads,
         "read_px": read_px,
         "input_size": encoder.config.input_size,
         "loader_patches_per_s": round(loader_rate, 2),
@@ -251,7 +263,7 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
         "main_process_decode_s": round(stats.decode_s, 3),  # tiles decoded for the device (--decode gpu)
         "decode": opts.decode,
         "decode_limit_patches_per_s": round(decode_limit, 2) if decode_limit else None,
-        "loader_over_decode_limit": (round(loader_rate / (decode_limit * max(1, loader_workers)), 3)
+        "loader_over_decode_limit": (round(loader_rate / (decode_limit * max(1, loader_workers or loader_threads)), 3)
                                      if decode_limit else None),
         "end_to_end_s": round(stats.total_s, 3),
         "per_slide_overhead_s": round(max(0.0, stats.total_s - compute_s) / len(paths), 4) if paths else None,
