@@ -35,3 +35,24 @@ def test_a_slide_that_fails_in_a_planning_process_fails_alone_in_one_line(tmp_pa
     for job, error in zip(jobs, errors):
         assert error == (f"{masks}: no tissue mask for slide {job.slide_id} (looked for {job.slide_id}.png|.tif|.tiff); "
                          "add it, or give this slide's file in the --list CSV")
+
+
+def test_a_script_without_a_main_guard_still_embeds_once(tmp_path, sample_slide, painted_slide):
+    """A planning process imports the calling script again: one without `if __name__ == "__main__":`
+    must not start a second run there. That process refuses with a line saying what to do, and the
+    real run plans in its own thread and finishes every slide (paths given as str work too)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "from wsi_embed import EmbedOptions, SlideJob, embed_slides\n"
+        f"jobs = [SlideJob({str(sample_slide)!r}, 'a'), SlideJob({str(painted_slide[0])!r}, 'b')]\n"
+        "opts = EmbedOptions(workers=0, prepare_processes=1, max_patches=4)\n"
+        "print('STATUS', [r.status for r in embed_slides(jobs, 'out', ['timm:test_vit'], 'random', opts)])\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("STATUS") == 1 and "STATUS ['done', 'done']" in proc.stdout
+    assert 'call it under `if __name__ == "__main__":`' in proc.stderr
+    assert "unexpected error" not in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.zarr")) == ["a.zarr", "b.zarr"]

@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from wsi_embed import WsiEmbedError
+from wsi_embed.atomic import write_atomic
 from wsi_embed.mil import BagDataset, attention_heatmap, collate_bags, patient_splits
 from wsi_embed.qc import write_png_atomic
 
@@ -167,13 +167,7 @@ def fold_metric(preds: list[dict], n_classes: int) -> tuple[str, float | None]:
 
 
 def replace_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def save_attention(ds: BagDataset, pred: dict, fold: int, attention_dir: Path) -> None:

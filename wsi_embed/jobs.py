@@ -90,6 +90,12 @@ class SlideJob:
     tissue_mask: Path | None = None  # this slide's mask (--list column tissue_mask); wins over --tissue-mask
     annotations: Path | None = None  # this slide's GeoJSON (--list column annotations)
 
+    def __post_init__(self) -> None:  # str paths from Python callers work like the CLI's
+        for name in ("path", "tissue_mask", "annotations"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+
 
 @dataclass
 class SlideResult:

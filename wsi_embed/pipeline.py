@@ -193,6 +193,18 @@ class _Models:
         return self.encoders
 
 
+def _refuse_in_a_starting_process() -> None:
+    """Slides are planned in spawned processes, which import the caller's main module again: a
+    script that calls this at top level would start a second run in each (the check CPython
+    itself makes before spawning, on the same private flag)."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RunWideError("embed_slides() was called while a helper process was starting: call it under "
+                           "`if __name__ == \"__main__\":` in your script (wsi-embed plans slides in spawned "
+                           "processes, which import the script again)")
+
+
 def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence = ("lunit-bt-rn50",),
                  weights: str = "auto", options: EmbedOptions = EmbedOptions(),
                  stats: RunStats | None = None,
@@ -207,6 +219,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
     Each slide with work to do is locked (``<out>/.<slide_id>.lock``, see :mod:`wsi_embed.locks`)
     while it is embedded; a slide another live process holds is ``skipped`` with a note.
     """
+    _refuse_in_a_starting_process()
     out_dir = ensure_writable(Path(out_dir))
     opts = options
     device = select_device(opts.device)
