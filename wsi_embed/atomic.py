@@ -8,6 +8,7 @@ later run can tell a dead writer's leftovers (:func:`owner_gone`) from a live wr
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
 from pathlib import Path
@@ -55,3 +56,15 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def swap_in_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished folder ``tmp`` onto ``final``; an existing ``final`` is first renamed
+    aside (a dotted ``.old`` temporary) and removed after, so ``final`` is always whole."""
+    if final.exists():
+        trash = tmp_path_for(final, ".old")
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)

@@ -35,7 +35,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from . import __version__
-from .atomic import TMP_MARK, owner_gone, tmp_suffix
+from .atomic import TMP_MARK, owner_gone, swap_in_dir, tmp_suffix
 from .errors import CorruptStore, IncompleteStore, OutputNotWritable, WsiEmbedError
 
 log = logging.getLogger(__name__)
@@ -279,21 +279,9 @@ class StoreWriter:
     def _commit(self) -> None:
         if self.append:
             for tmp, final in self._groups.values():
-                if final.exists():
-                    trash = final.with_name(f".{final.name}.old{tmp_suffix()}")
-                    os.rename(final, trash)
-                    os.rename(tmp, final)
-                    _remove(trash)
-                else:
-                    os.rename(tmp, final)
+                swap_in_dir(tmp, final)
             return
-        if self.final.exists():  # --overwrite: swap, then delete the old one
-            trash = self.final.with_name(f".{self.final.name}.old{tmp_suffix()}")
-            os.rename(self.final, trash)
-            os.rename(self.root_path, self.final)
-            _remove(trash)
-        else:
-            os.rename(self.root_path, self.final)
+        swap_in_dir(self.root_path, self.final)  # --overwrite: the old store is swapped out, then deleted
 
     def abort(self) -> None:
         """Remove this writer's temporaries (the temporary store, or the temporary groups added to

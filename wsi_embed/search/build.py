@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import EncoderMismatch, WsiEmbedError
-from ..atomic import tmp_suffix
+from ..atomic import swap_in_dir, tmp_suffix
 from ..store import group_name, is_temporary, open_store
 
 log = logging.getLogger(__name__)
@@ -156,23 +156,13 @@ def build_index(out_dir: str | os.PathLike, encoder: str, *, exact_max: int = EX
         manifest["seconds"] = round(time.perf_counter() - started, 3)
         data = json.dumps(manifest, indent=1).encode()
         (tmp / MANIFEST).write_bytes(data)  # last: a folder with index.json is complete
-        _swap_in(tmp, final)
+        swap_in_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("%s: %d slides, %d patches (%s) in %.1f s", final, manifest["counts"]["slides"],
              manifest["counts"]["patches"], manifest["kind"], manifest["seconds"])
     return final
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old{tmp_suffix()}")
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
 
 
 def _write(folder: Path, members: list[_Member], skipped: list[dict], exact_max: int) -> dict:
