@@ -142,3 +142,19 @@ def test_resume_repair_and_a_second_encoder_keep_the_drops(runs, slide):
     assert np.array_equal(_arrays(store)["mask"], before)
     assert set(open_store(store).encoders) == {ENC, OTHER}
     assert run_cli("verify", str(store)).returncode == 0
+
+
+def test_measures_in_chunks_equal_the_whole_region(sample_slide):
+    """On a CPU a region is measured a few patches at a time; the figures are those of one pass."""
+    import openslide
+
+    from wsi_embed import artefacts
+
+    with openslide.OpenSlide(str(sample_slide)) as s:
+        pixels = np.asarray(s.read_region((0, 0), 0, (448 * 4, 448 * 2)).convert("RGB"))
+    patches = torch.from_numpy(np.ascontiguousarray(
+        pixels.reshape(2, 448, 4, 448, 3).transpose(0, 2, 1, 3, 4).reshape(8, 448, 448, 3)))
+    assert artefacts.CPU_CHUNK_PIXELS // (448 * 448) < 8  # several chunks
+    whole = artefacts._measures(patches)
+    assert torch.allclose(artefacts.patch_measures(patches), whole, rtol=1e-5)
+    assert float(whole[:, 0].min()) > 0  # real pixels, not a constant

@@ -31,9 +31,24 @@ BLUR_THRESHOLD = 50.0
 MEASURES = ("grey_std", "laplacian_var")
 
 
+# Pixels measured at a time on a CPU: a chunk's float planes stay in cache and never need fresh pages
+# (alone, 64 patches of 448 px: 2.1 -> 0.3 ms a patch on a 2-core VM; end to end at 40x about 4%)
+CPU_CHUNK_PIXELS = 800_000
+
+
 def patch_measures(patches):
     """(n, h, w, 3) uint8 tensor -> (n, 2) float32 tensor on the same device: grey-level std and
     variance of the Laplacian (see the module doc)."""
+    import torch
+
+    h, w = patches.shape[1:3]
+    step = max(1, CPU_CHUNK_PIXELS // max(1, h * w))
+    if patches.device.type == "cpu" and patches.shape[0] > step:
+        return torch.cat([_measures(patches[i : i + step]) for i in range(0, patches.shape[0], step)])
+    return _measures(patches)
+
+
+def _measures(patches):
     import torch
 
     h, w = patches.shape[1:3]

@@ -216,6 +216,9 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
         torch.cuda.reset_peak_memory_stats(device)
     with PeakRss() as rss:
         tasks, read_px = _plan(paths, opts, max_patches, resolve_decode(opts.decode, device))
+        # warm-up on a tenth of the regions (imports, handles, allocator), as compare_loader does: the
+        # figure is a rate, like the decode limit it is held to (slide opening is in end-to-end)
+        _loader_only(tasks[: max(1, len(tasks) // 10)], loader_workers, device, loader_threads, 2 * opts.batch_size)
         n_loader, t_loader = _loader_only(tasks, loader_workers, device, loader_threads, 2 * opts.batch_size)
         model_rate = _model_only(runner, read_px or opts.grid.patch_px, opts.batch_size, n_loader, device)
         stats = RunStats()
