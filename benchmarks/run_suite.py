@@ -228,7 +228,8 @@ COLUMNS = ["name", "patches", "loader_patches_per_s", "model_patches_per_s", "en
            "end_to_end_over_model", "loader_wait_fraction", "naive_loader_patches_per_s", "loader_over_naive",
            "per_slide_overhead_s", "peak_rss_mb", "peak_gpu_mem_mb"]
 STEADY_COLUMNS = ["name", "slides", "patches", "time_to_first_batch_s", "steady_patches_per_s", "steady_over_model",
-                  "steady_over_shared_bound", "busy_fraction", "decode_limit_patches_per_s", "loader_workers", "loader_over_decode_limit",
+                  "steady_over_shared_bound", "busy_fraction", "decode_limit_patches_per_s", "loader_workers",
+                  "loader_threads", "loader_over_decode_limit",
                   "end_to_end_s", "wall_s"]
 
 
