@@ -283,8 +283,8 @@ class TaskFeed(Sampler):
 
 class BurstReader:
     """In-process reads for an encoder on the CPU: whenever the main thread needs patches, the
-    next regions (about ``patches`` cells) are read at once by ``threads`` threads (libjpeg-turbo
-    releases the GIL), and handed over only when all are done. Nothing reads while the encoder
+    next regions (about ``patches`` cells, never past the end of a slide) are read at once by
+    ``threads`` threads (libjpeg-turbo releases the GIL), and handed over only when all are done. Nothing reads while the encoder
     computes, so decoding never competes with its threads, yet it uses every core.
 
     Items come out in task order, as from a ``DataLoader`` without workers."""
@@ -298,7 +298,9 @@ class BurstReader:
         burst, cells = [], 0
         for task in self._tasks:
             burst.append(task)
-            cells += 0 if isinstance(task, EndOfSlide) else len(task.offsets)
+            if isinstance(task, EndOfSlide):
+                break  # the next slide's tasks may still be in preparation: read what is here now
+            cells += len(task.offsets)
             if cells >= self.patches:
                 break
         return burst
