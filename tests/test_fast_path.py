@@ -97,8 +97,20 @@ def test_loader_only_reads_with_threads_where_a_cpu_device_decodes_in_process(sa
     result = probe([str(sample_slide)], 16, 2, "cpu", 1, (), threads=2)
     (slide,) = result["slides"].values()
     assert (result["workers"], result["threads"]) == (0, 2) and slide["patches"] == 16 and slide["rates"][0] > 0
+    from wsi_embed.loader import cpu_cores, reading_threads
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert bench.loader_only_readers(cpu, 0, None, cores=2) == (0, 2)  # in-process end to end: threads
+    threads = reading_threads("cpu", 0)
+    assert threads == min(cpu_cores(), torch.get_num_threads()) and reading_threads("cpu", 1) == 0
+    assert reading_threads("cuda", 0) == 0
+    # in-process end to end (asked or not): the same reading threads
+    assert bench.loader_only_readers(cpu, 0, None) == bench.loader_only_readers(cpu, 0, 0) == (0, threads)
     assert bench.loader_only_readers(cpu, 1, None, cores=16) == (16, 0)  # workers end to end: every core
+    assert bench.loader_only_readers(cpu, 1, 1) == (1, 0)
     assert bench.loader_only_readers(cuda, 16, None, cores=32) == (16, 0)
-    assert bench.loader_only_readers(cpu, 0, 0, cores=2) == (0, 0)  # --workers 0 asked: one thread
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # e.g. a dask worker process: one core, one reading thread
+        assert reading_threads("cpu", 0) == 1
+    finally:
+        torch.set_num_threads(before)

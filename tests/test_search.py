@@ -190,7 +190,12 @@ def test_usearch_agrees_with_exact(planted_cohort, tmp_path):
         assert key(q) not in {key(h) for h in a}
         agree_top1 += key(a[0]) == key(e[0])
         overlap.append(len({key(h) for h in a} & {key(h) for h in e}) / 10)
-        assert abs(a[0]["distance"] - e[0]["distance"]) < 1e-3
+        # an approximate index may miss the nearest hit now and then (the rates below bound how
+        # often), but never finds one nearer than exact search, and agrees on the distance when it
+        # finds the same one
+        assert a[0]["distance"] >= e[0]["distance"] - 1e-3
+        if key(a[0]) == key(e[0]):
+            assert abs(a[0]["distance"] - e[0]["distance"]) < 1e-3
     assert agree_top1 >= 0.9 * len(numbers) and np.mean(overlap) >= 0.9
 
 

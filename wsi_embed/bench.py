@@ -15,7 +15,7 @@ import torch
 
 from .decode import resolve_decode
 from .infer import EncoderRunner, select_device, select_precision
-from .loader import EndOfSlide, cpu_cores, default_workers, make_loader, region_task, release_handles
+from .loader import EndOfSlide, cpu_cores, default_workers, make_loader, reading_threads, region_task, release_handles
 from .grid import plan_regions
 from .jobs import EmbedOptions
 from .executor import RunStats
@@ -98,15 +98,14 @@ def _plan(paths: Sequence[Path], opts: EmbedOptions, max_patches: int | None, de
 
 
 def loader_only_readers(device, workers: int, asked: int | None, cores: int | None = None) -> tuple[int, int]:
-    """(worker processes, in-process threads) for loader-only: every core (no encoder competes), in
-    the kind of loader end-to-end uses: workers, or one reading thread per core on a CPU device that
-    decodes in-process. ``asked``: ``--workers`` as given (used as it is)."""
+    """(worker processes, in-process threads) for loader-only, in the kind of loader end-to-end
+    uses: workers, or on a CPU device that decodes in-process its reading threads. Unasked, workers
+    take every core (no encoder competes); ``asked``: ``--workers`` as given."""
+    if device.type == "cpu" and workers == 0:
+        return 0, reading_threads(device.type, 0)
     if asked is not None:
         return asked, 0
-    cores = cores or cpu_cores()
-    if device.type == "cpu" and workers == 0:
-        return 0, cores
-    return min(16, cores), 0
+    return min(16, cores or cpu_cores()), 0
 
 
 def _loader_only(tasks, workers: int, device, threads: int = 0, burst: int = 512) -> tuple[int, float]:

@@ -307,12 +307,13 @@ class BurstReader:
 
     def __iter__(self) -> Iterator[RegionBatch | EndOfSlide]:
         dataset, caches = RegionDataset(), []
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wsi-embed-read",
+                                  initializer=lambda: caches.append(_HANDLES_BY_THREAD.cache))
         try:
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="wsi-embed-read",
-                                    initializer=lambda: caches.append(_HANDLES_BY_THREAD.cache)) as pool:
-                while burst := self._burst():
-                    yield from list(pool.map(dataset.__getitem__, burst))  # all read before any is used
+            while burst := self._burst():
+                yield from list(pool.map(dataset.__getitem__, burst))  # all read before any is used
         finally:
+            pool.shutdown(wait=True)  # interrupted here, handles are left open rather than closed mid-read
             for cache in caches:  # the threads' own slide handles
                 cache.clear()
 
@@ -326,6 +327,14 @@ def _worker_init(_: int, *, nice: int = 0) -> None:
 
 def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def reading_threads(device_type: str, workers: int) -> int:
+    """In-process reading threads: on a CPU device without workers, one per core the encoder uses
+    (a dask worker process running one torch thread reads with one)."""
+    if device_type != "cpu" or workers:
+        return 0
+    return max(1, min(cpu_cores(), torch.get_num_threads()))
 
 
 def default_workers(device_type: str = "cuda") -> int:
@@ -345,7 +354,7 @@ SLOT_BYTES = 64 * 448 * 448 * 3
 
 def make_loader(tasks: Iterator, *, workers: int, pin_memory: bool, prefetch: int = 4,
                 yield_cpu: bool = False, threads: int = 0, burst: int = 512) -> DataLoader | BurstReader:
-    """``threads`` (no ``workers``): a :class:`BurstReader` reading ``burst`` cells at a time.
+    """``threads`` (no ``workers``, no pinning): a :class:`BurstReader` reading ``burst`` cells at a time.
 
     ``yield_cpu``: workers run at a lower priority than the main process, so decoding fills
     the gaps instead of stalling the encoder's threads (CPU) or the thread feeding the GPU.
@@ -353,7 +362,7 @@ def make_loader(tasks: Iterator, *, workers: int, pin_memory: bool, prefetch: in
     Workers write patches into a :class:`~wsi_embed.slots.SlotPool` with a slot for every region in
     flight (``workers * prefetch``) and as many again for those the main process still holds; only
     the pages of slots in use are ever touched."""
-    if workers == 0 and threads > 1:
+    if workers == 0 and threads > 1 and not pin_memory:
         return BurstReader(tasks, threads=threads, patches=burst)
     kwargs, pool = {}, None
     if workers > 0:

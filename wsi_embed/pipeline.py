@@ -26,7 +26,7 @@ from .grid import Grid, plan_regions
 from .ids import id_problem
 from .infer import EncoderRunner, select_device, select_precision
 from .jobs import EmbedOptions, SlideJob, SlideResult, model_name, slide_id_for
-from .loader import EndOfSlide, cpu_cores, default_workers, make_loader, region_task, release_handles
+from .loader import EndOfSlide, default_workers, make_loader, reading_threads, region_task, release_handles
 from .locks import LockError, lock_path, try_lock
 from .plan import Cancelled
 from .planner import Planner, default_prepare_processes
@@ -317,8 +317,8 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
     workers = default_workers(device.type) if opts.workers is None else opts.workers
     task_feed = feed()
     # workers yield the CPU to this process: on CPU it runs the encoder, on CUDA it keeps the GPU fed;
-    # without workers on CPU, every core reads in bursts between the encoder's steps
-    threads = cpu_cores() if workers == 0 and device.type == "cpu" else 0
+    # without workers on CPU, the encoder's cores read in bursts between its steps
+    threads = reading_threads(device.type, workers)
     loader = make_loader(task_feed, workers=workers, pin_memory=device.type == "cuda", yield_cpu=True,
                          threads=threads, burst=2 * opts.batch_size)
     stats = stats if stats is not None else RunStats()
