@@ -87,3 +87,4 @@ def test_patch_resized_to_encoder_input_size(sample_slide, tmp_path):
     enc = open_store(result.store).encoder_attrs()
     assert enc["input_size"] == 160 and enc["input_resized"] is True
     assert enc["input_resize"] == "224px read -> 160px encoder input"
+    assert enc["input_resize_method"] == "antialiased bilinear on uint8 (cpu)"

@@ -73,6 +73,15 @@ def select_precision(spec: str, device: torch.device) -> str:
     return spec
 
 
+def resizes_uint8(device_type: str) -> bool:
+    return device_type == "cpu"
+
+
+def resize_method(device_type: str) -> str:
+    """How :meth:`EncoderRunner.preprocess` resizes patches on this device (recorded in the store)."""
+    return f"antialiased bilinear on {'uint8' if resizes_uint8(device_type) else 'float32'} ({device_type})"
+
+
 class EncoderRunner:
     """Runs one encoder on uint8 NHWC batches already on the device."""
 
@@ -103,7 +112,7 @@ class EncoderRunner:
         if tuple(x.shape[-2:]) != size:
             # on a CPU the resize runs on uint8, as PIL's and torchvision's do (rounded to whole
             # levels): 3-4x faster than in float; CUDA has no uint8 antialiased kernel
-            x = x if x.device.type == "cpu" else x.float()
+            x = x if resizes_uint8(x.device.type) else x.float()
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         x = x.float().sub_(self.mean255).mul_(self.inv_std255)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

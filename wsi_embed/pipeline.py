@@ -24,7 +24,7 @@ from .errors import InvalidOption, OutputNotWritable, RunWideError, StoreConflic
 from .executor import Executor, RegionBuffer, RunStats, SlideRun, release
 from .grid import Grid, plan_regions
 from .ids import id_problem
-from .infer import EncoderRunner, select_device, select_precision
+from .infer import EncoderRunner, resize_method, select_device, select_precision
 from .jobs import EmbedOptions, SlideJob, SlideResult, model_name, slide_id_for
 from .loader import EndOfSlide, default_workers, make_loader, reading_threads, region_task, release_handles
 from .locks import LockError, lock_path, try_lock
@@ -42,7 +42,7 @@ PREPARE_AHEAD = 2  # slides prepared ahead of the one being embedded: small biop
 
 
 def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: EmbedOptions, precision: str,
-             resume: Resume, cancel: threading.Event, decode: DecodePlan, planner: Planner):
+             resume: Resume, cancel: threading.Event, decode: DecodePlan, planner: Planner, device_type: str):
     """Open, measure, find tissue, plan the grid and open the store. Returns (run, tasks)."""
     run = SlideRun(job, time.perf_counter(), SlideResult(str(job.path), job.slide_id, "failed",
                                                           note=resume.note))
@@ -70,9 +70,11 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
             for enc in encoders:
                 if enc.config.name not in resume.todo:
                     continue
+                resized = grid.read_px != enc.config.input_size
                 attrs = {**enc.attrs(), "precision": precision, "dtype": opts.dtype,
-                         "input_resized": grid.read_px != enc.config.input_size,
-                         "input_resize": f"{grid.read_px}px read -> {enc.config.input_size}px encoder input"}
+                         "input_resized": resized,
+                         "input_resize": f"{grid.read_px}px read -> {enc.config.input_size}px encoder input",
+                         "input_resize_method": resize_method(device_type) if resized else None}
                 run.groups[enc.config.name] = writer.add_encoder(
                     enc.config.name, dim=enc.config.dim, dtype=opts.dtype, chunk=block, attrs=attrs)
     run.writer, run.grid, run.block = writer, grid, block
@@ -267,7 +269,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                 _preflight(job, opts)  # a bad slide fails fast, before any model is loaded
                 encoders = models_.load()  # errors here concern every slide: they raise
                 run, tasks = _prepare(job, key, out_dir, encoders, opts, precision, resume, cancel, decode_plan,
-                                      planner)
+                                      planner, device.type)
             except RunWideError:
                 if lock is not None:
                     lock.release()
