@@ -163,3 +163,18 @@ def test_two_thousand_slides(report_dir, tmp_path):
     print(f"\n2,000-slide report: written in {write_s:.2f} s ({size_mb:.1f} MB), opened (load event) in "
           f"{open_s:.2f} s, sorted in {sort_s:.2f} s")
     assert write_s < 10 and open_s < 15 and sort_s < 5
+
+
+def test_a_store_without_a_manifest_row_lists_only_its_complete_encoders(sample_slide, tmp_path):
+    """Embedded from Python (no manifest): the row names the store's complete encoders, not a group
+    another process is still adding (a dotted temporary) nor one without its completion mark."""
+    from wsi_embed import EmbedOptions, embed_slide
+    from wsi_embed.report import collect
+
+    result = embed_slide(sample_slide, tmp_path, ["timm:test_vit"], "random", EmbedOptions(workers=0, max_patches=4))
+    store = Path(result.store)
+    (store / ".timm-test_resnet.tmp-host-1-abcdef" / "embeddings").mkdir(parents=True)
+    (store / "timm-half_written" / "embeddings").mkdir(parents=True)
+    rows, _ = collect(tmp_path)
+    (row,) = [r for r in rows if r.slide_id == store.name[: -len(".zarr")]]
+    assert row.status == "done" and row.encoders == ["timm:test_vit"]
