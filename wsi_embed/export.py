@@ -50,7 +50,7 @@ import numpy as np
 from . import __version__
 from .errors import InvalidOption, WsiEmbedError
 from .atomic import TMP_MARK, owner_gone, write_atomic
-from .store import completed_encoders, group_name, open_store
+from .store import completed_encoders, group_name, open_store, store_slide_id
 from .verify import find_stores
 
 log = logging.getLogger(__name__)
@@ -367,7 +367,7 @@ def export_stores(out: str | os.PathLike, *, format: str, encoder: str, to: str 
 
 def _export_each(stores: list[Path], writer: _Writer, encoder: str) -> Iterator[ExportResult]:
     for store in stores:
-        slide_id = store.name[: -len(".zarr")] if store.name.endswith(".zarr") else store.name
+        slide_id = store_slide_id(store)
         yield export_one(store, slide_id, writer, encoder)
 
 

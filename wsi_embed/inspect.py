@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .errors import IncompleteStore
-from .store import _read_array, _read_group, group_dirs, is_temporary
+from .store import _read_array, _read_group, group_dirs, is_temporary, store_slide_id
 from .verify import GEOMETRY, verify_store
 
 _SLIDE_KEYS = ("slide_id", "path", "vendor", "backend", "dimensions", "mpp", "mpp_source", "objective_power",
@@ -77,7 +77,7 @@ def inspect_store(path: str | os.PathLike) -> dict:
     }
     return {
         "slide": None if slide is None else {**_pick(slide, _SLIDE_KEYS), "store": str(path),
-                                             "slide_id": slide.get("slide_id") or path.name.removesuffix(".zarr")},
+                                             "slide_id": slide.get("slide_id") or store_slide_id(path)},
         "grid": None if grid is None else _pick(grid, _GRID_KEYS),
         "tissue": None if tissue is None else {
             "area_mm2": tissue.get("tissue_area_mm2"), "cells_embedded": tissue.get("cells_embedded"),

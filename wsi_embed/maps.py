@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .errors import WsiEmbedError
 from .grid import Grid
 from .qc import _FONT, _MAX_SIDE, _MIN_SIDE, _with_caption, write_png_atomic
-from .store import EmbeddingStore, group_name, open_store
+from .store import EmbeddingStore, group_name, open_store, store_slide_id
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class MapPicture:
 
 
 def _slide_id(store: EmbeddingStore) -> str:
-    return store.attrs.get("slide", {}).get("slide_id") or store.path.name.removesuffix(".zarr")
+    return store.attrs.get("slide", {}).get("slide_id") or store_slide_id(store.path)
 
 
 def cell_values(store: EmbeddingStore, projection: Projection) -> tuple[np.ndarray, np.ndarray | None]:

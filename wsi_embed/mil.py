@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from .errors import CorruptStore, EncoderMismatch, IncompleteStore, InvalidOption, LabelsError
-from .store import completed_encoders, group_name, open_store
+from .store import completed_encoders, group_name, open_store, store_slide_id
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class BagDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         table = read_labels(labels, label_column)
         folder, paths = _store_paths(stores)
-        by_id = {p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.name: p for p in paths}
+        by_id = {store_slide_id(p): p for p in paths}
         if folder is not None:
             rows = list(range(len(table.slide_ids)))
             for i in rows:

@@ -34,7 +34,7 @@ from . import __version__
 from .atomic import write_atomic
 from .machine import machine_info
 from .errors import WsiEmbedError
-from .store import completed_encoders, group_name, is_temporary
+from .store import completed_encoders, group_name, is_temporary, store_slide_id
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +215,8 @@ def collect(out_dir: Path, *, attention: str | os.PathLike | None = None,
             latest[sid] = row
     names = {e.name for e in os.scandir(out_dir)}
     for name in names:  # stores without a manifest row (embedded from Python, an older run)
-        if name.endswith(".zarr") and not is_temporary(name) and name[:-5] not in latest:
-            sid = name[:-5]
+        if name.endswith(".zarr") and not is_temporary(name) and store_slide_id(name) not in latest:
+            sid = store_slide_id(name)
             groups = completed_encoders(out_dir / name)  # not a group still being added, nor a damaged one
             latest[sid] = {"slide_id": sid, "status": "done", "note": "no manifest row", "encoders": ";".join(groups)}
     att: dict[str, str] = {}

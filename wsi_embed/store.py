@@ -77,6 +77,11 @@ def store_path(out_dir: Path, slide_id: str) -> Path:
     return Path(out_dir) / f"{slide_id}.zarr"
 
 
+def store_slide_id(store: str | os.PathLike) -> str:
+    """The slide id a store is named after (``<out>/<slide_id>.zarr``)."""
+    return Path(store).name.removesuffix(".zarr")
+
+
 def ensure_writable(out_dir: Path) -> Path:
     """Create ``out_dir`` and prove a file can be written there, before any work is done."""
     out_dir = Path(out_dir)

@@ -31,7 +31,7 @@ import zarr
 
 from .errors import WsiEmbedError
 from .store import (GEOMETRY_ARRAYS, OPTIONAL_ARRAYS, _read_array, _read_group, _remove, damage_reason, group_dirs,
-                    has_checksums, is_temporary, repair_backup_path, repair_hint, settle_zarr_reads)
+                    has_checksums, is_temporary, repair_backup_path, repair_hint, settle_zarr_reads, store_slide_id)
 
 log = logging.getLogger(__name__)
 
@@ -544,7 +544,7 @@ def repair_store(path: str | os.PathLike, options=None, report: StoreReport | No
         return result
     attrs = _read_group(path)[1]
     slide = attrs["slide"]
-    job = SlideJob(Path(slide["path"]), path.name[: -len(".zarr")] if path.name.endswith(".zarr") else path.name,
+    job = SlideJob(Path(slide["path"]), store_slide_id(path),
                    float(slide["mpp"]) if slide.get("mpp_source") == "override" else None)
     if not job.path.is_file():
         result.error = f"its slide {job.path} is not there; put it back (or re-embed it from where it is now)"

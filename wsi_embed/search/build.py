@@ -27,7 +27,7 @@ import numpy as np
 from .. import __version__
 from ..errors import EncoderMismatch, WsiEmbedError
 from ..atomic import swap_in_dir, tmp_suffix
-from ..store import group_name, is_temporary, open_store
+from ..store import group_name, is_temporary, open_store, store_slide_id
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _find_members(out_dir: Path, encoder: str) -> tuple[list[_Member], list[dict
             skipped.append({"store": path.name, "reason": "no embedded cells"})
             continue
         slide = attrs.get("slide", {})
-        members.append(_Member(path, slide.get("slide_id") or path.name[: -len(".zarr")], names[0], cells, enc,
+        members.append(_Member(path, slide.get("slide_id") or store_slide_id(path), names[0], cells, enc,
                                attrs.get("grid", {}), slide))
     return members, skipped
 
