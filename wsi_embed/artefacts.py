@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 BLANK_THRESHOLD = 8.0
 BLUR_THRESHOLD = 50.0
 MEASURES = ("grey_std", "laplacian_var")
+OPTION_KEYS = ("drop_blank", "drop_blurry", "blank_threshold", "blur_threshold")  # EmbedOptions fields, store attrs
 
 
 # Pixels measured at a time on a CPU: a chunk's float planes stay in cache and never need fresh pages

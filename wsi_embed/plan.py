@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import artefacts
 from .errors import SlideOutOfLimits
 from .grid import Grid, Region, choose_block, plan_grid, plan_regions
 from .jobs import EmbedOptions, SlideJob
@@ -155,7 +156,7 @@ def recorded_options(tissue: dict) -> dict:
         out["annotation_classes"] = tuple(ann["kept_classes"]) if ann.get("kept_classes") else None
     art = tissue.get("artefacts")
     if isinstance(art, dict):
-        for key in ("drop_blank", "drop_blurry", "blank_threshold", "blur_threshold"):
+        for key in artefacts.OPTION_KEYS:
             if key in art:
                 out[key] = art[key]
     return out

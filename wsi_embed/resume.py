@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from . import artefacts
 from .jobs import SlideJob
 from .slide import fingerprint
 from .store import completed_encoders, group_name, store_path
@@ -125,7 +126,7 @@ def options_conflict(store: Path, attrs: dict, job: SlideJob, opts) -> str | Non
             differences.append(f"annotations {ann.get('path') or 'none'} (classes {', '.join(kept) if kept else 'all'})")
     art = tissue.get("artefacts")
     if isinstance(art, dict):
-        for key in ("drop_blank", "drop_blurry", "blank_threshold", "blur_threshold"):
+        for key in artefacts.OPTION_KEYS:
             if key in art and art[key] != getattr(opts, key):
                 differences.append(f"{key.replace('_', '-')} {art[key]}")
     if differences:
