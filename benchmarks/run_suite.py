@@ -356,12 +356,13 @@ def main() -> int:
         if args.workers is not None:
             cargv += ["--workers", str(args.workers)]
         elif device == "cpu":
-            # like `wsi-embed bench`: the new tree's loader-only reads in-process with a thread per
-            # core (the CPU device's loader); a tree without burst reads uses worker processes
-            from wsi_embed.loader import cpu_cores, default_workers
+            # like `wsi-embed bench`: the new tree's loader-only reads with the CPU device's reading
+            # threads where it decodes in-process; a tree without burst reads uses worker processes
+            from wsi_embed.loader import default_workers, reading_threads
 
-            if default_workers("cpu") == 0:
-                cargv += ["--threads", str(cpu_cores())]
+            threads = reading_threads("cpu", default_workers("cpu"))
+            if threads:
+                cargv += ["--threads", str(threads)]
         if decode_ok:
             cargv += ["--set", "decode=cpu"]  # like for like: the old loader decodes on the CPU
         cargs = build_parser().parse_args(cargv)

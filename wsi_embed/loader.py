@@ -284,8 +284,9 @@ class TaskFeed(Sampler):
 class BurstReader:
     """In-process reads for an encoder on the CPU: whenever the main thread needs patches, the
     next regions (about ``patches`` cells, never past the end of a slide) are read at once by
-    ``threads`` threads (libjpeg-turbo releases the GIL), and handed over only when all are done. Nothing reads while the encoder
-    computes, so decoding never competes with its threads, yet it uses every core.
+    ``threads`` threads (libjpeg-turbo releases the GIL), and handed over only when all are done.
+    Nothing reads while the encoder computes, so decoding never competes with its threads, yet it
+    uses every core.
 
     Items come out in task order, as from a ``DataLoader`` without workers."""
 
