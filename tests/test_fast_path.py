@@ -4,6 +4,7 @@ resize and normalize) against a simple reference: one openslide read per cell, P
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import openslide
@@ -114,3 +115,19 @@ def test_loader_only_reads_with_threads_where_a_cpu_device_decodes_in_process(sa
         assert reading_threads("cpu", 0) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_peak_memory_sampler_sees_a_held_allocation_and_paces_itself():
+    from wsi_embed.bench import PeakRss
+
+    with PeakRss() as idle:
+        time.sleep(0.5)
+    started = time.perf_counter()
+    with PeakRss() as busy:
+        block = np.ones(300 * 2**20, dtype=np.uint8)  # touched: 300 MB resident
+        time.sleep(2.0)  # longer than the sampler's paced wait (40 x a sample of ~5-20 ms)
+        del block
+    wall = time.perf_counter() - started
+    assert busy.peak - idle.peak > 250 * 2**20
+    # paced: sampling PSS walks every mapping, and the sampler keeps to ~1/40 of a core
+    assert busy.samples >= 2 and busy.sampling_s < wall / 20

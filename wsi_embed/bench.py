@@ -28,15 +28,20 @@ class PeakRss:
     """Samples the memory of this process and all its descendants (loader workers included).
 
     Uses PSS where the kernel gives it: forked workers share pages with the parent, and summing
-    plain RSS would count those pages once per process.
+    plain RSS would count those pages once per process. Reading PSS walks every mapping (5-20 ms
+    for a process holding torch), so the sampler waits at least ``overhead`` times as long as its
+    last sample took: it never takes more than ~1/overhead of a core from what it measures.
     """
 
-    def __init__(self, interval: float = 0.05):
+    def __init__(self, interval: float = 0.05, overhead: float = 40.0):
         import psutil
 
         self._proc = psutil.Process()
         self._interval = interval
+        self._overhead = overhead
         self.peak = 0
+        self.samples = 0
+        self.sampling_s = 0.0  # time spent sampling (the sampler's own cost)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -51,8 +56,12 @@ class PeakRss:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            started = time.perf_counter()
             self.peak = max(self.peak, self._sample())
-            self._stop.wait(self._interval)
+            took = time.perf_counter() - started
+            self.samples += 1
+            self.sampling_s += took
+            self._stop.wait(max(self._interval, self._overhead * took))
 
     def __enter__(self) -> "PeakRss":
         self._thread.start()
