@@ -158,3 +158,19 @@ def test_measures_in_chunks_equal_the_whole_region(sample_slide):
     whole = artefacts._measures(patches)
     assert torch.allclose(artefacts.patch_measures(patches), whole, rtol=1e-5)
     assert float(whole[:, 0].min()) > 0  # real pixels, not a constant
+
+
+def test_a_slide_whose_every_cell_is_dropped_is_a_sound_empty_store(slide, tmp_path):
+    """An all-False mask is written as a chunk like any other: zarr would drop an all-empty chunk
+    unless told not to, and a missing geometry chunk is how damage shows."""
+    from wsi_embed.verify import verify_store
+
+    opts = EmbedOptions(**RUN, drop_blank=True, blank_threshold=1e9)
+    done = run_cohort(plan_cohort([slide]), tmp_path, [ENC], "random", opts)
+    assert done.ok and done.done == 1, [r.error for r in done.results]
+    store = tmp_path / "planted.zarr"
+    report = verify_store(store)
+    assert report.ok, report.error_line()
+    opened = open_store(store)
+    assert not opened.mask.any() and opened.bag(ENC)[0].shape == (0, 64)
+    assert opened.attrs["tissue"]["cells_embedded"] == 0

@@ -131,3 +131,25 @@ def test_one_bad_slide_does_not_stop_the_others(bad_run):
     assert sorted(next(i for i, p in enumerate(bad) if str(p) in line) for line in lines) == list(range(len(bad)))
     assert str(paths["good"]) not in proc.stderr
     assert sorted(p.name for p in out.glob("*.zarr")) == ["good.zarr"] and not list(out.glob(".*"))
+
+
+def test_info_on_a_store_folder_or_a_pipe_says_what_it_is(bad_run, tmp_path):
+    import os
+
+    store = next(bad_run["out"].glob("*.zarr"))
+    proc = run_cli("info", str(store))
+    assert_clean_failure(proc, tmp_path / "nothing-here", str(store), "wsi-embed inspect")
+    pipe = tmp_path / "pipe.svs"
+    os.mkfifo(pipe)  # reading it would block for ever
+    proc = run_cli("info", str(pipe), timeout=60)
+    assert_clean_failure(proc, tmp_path / "nothing-here", str(pipe), "not a regular file")
+
+
+def test_bench_takes_the_slide_mpp_its_message_asks_for(bad_run):
+    path = bad_run["paths"]["no_mpp"]
+    args = ("bench", str(path), "--model", "timm:test_vit", "--max-patches", "8", "--naive-patches", "0", "--json")
+    proc = run_cli(*args)
+    assert_clean_failure(proc, bad_run["out"] / "nothing-here", str(path), "--slide-mpp")
+    proc = run_cli(*args, "--slide-mpp", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert '"patches": 8' in proc.stdout

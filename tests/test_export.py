@@ -232,6 +232,23 @@ def test_an_incomplete_store_among_good_ones(planted_cohort, tmp_path):
     assert sorted(p.name for p in (to / "pt_files").iterdir()) == ["planted_000.pt", "planted_002.pt"]
 
 
+@pytest.mark.parametrize("node", ["coords", "mask"])
+def test_a_lost_geometry_chunk_fails_that_slide_instead_of_exporting_fill_values(planted_cohort, tmp_path, node):
+    """zarr reads a missing chunk as its fill value (coords 0, 0; no cells): export must refuse it."""
+    out = _copy_cohort(planted_cohort, tmp_path / "out")
+    chunks = [p for p in (out / "planted_001.zarr" / node / "c").rglob("*") if p.is_file()]
+    assert chunks
+    chunks[0].unlink()
+    to = tmp_path / "to"
+    proc = run_cli("export", str(out), "--format", "trident", "--encoder", "timm:test_vit", "--to", str(to))
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
+    failed = [ln for ln in proc.stdout.splitlines() if ln.startswith("error: ")]
+    assert len(failed) == 1 and "planted_001.zarr" in failed[0] and f"{node} is damaged" in failed[0]
+    assert "wsi-embed verify" in failed[0] and "--repair" in failed[0]
+    assert not list(to.rglob("planted_001*"))
+    assert sorted(p.name for p in (to / "features_timm-test_vit").iterdir()) == ["planted_000.h5", "planted_002.h5"]
+
+
 @pytest.mark.parametrize("case", ["format", "encoder", "out"])
 def test_bad_options_fail_with_one_line(planted_cohort, tmp_path, case):
     out, fmt, enc = str(planted_cohort["out"]), "trident", "timm:test_vit"
@@ -261,7 +278,7 @@ def test_a_slide_without_embedded_cells(planted_cohort, tmp_path):
     out = _copy_cohort(planted_cohort, tmp_path / "out", n=1)
     store = out / "planted_000.zarr"
     root = zarr.open_group(str(store), mode="r+", zarr_format=3)
-    root["mask"][...] = False
+    root["mask"].with_config({"write_empty_chunks": True})[...] = False  # as the pipeline writes geometry
     root[f"{ENCODER_GROUP}/embeddings"][...] = np.nan
     root[ENCODER_GROUP].attrs["cells"] = 0
     assert open_store(store).bag("timm:test_vit")[0].shape == (0, 64)

@@ -55,3 +55,14 @@ def test_not_a_store(tmp_path):
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and "not a wsi-embed store" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_lost_root_metadata_gives_the_whole_fix(planted_cohort, tmp_path):
+    store = tmp_path / "planted_001.zarr"
+    shutil.copytree(planted_cohort["out"] / "planted_001.zarr", store)
+    (store / "zarr.json").unlink()
+    done = run_cli("inspect", str(store), "--json")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    fix = json.loads(done.stdout)["consistency"]["fix"]
+    assert fix.startswith("it cannot be repaired automatically (its root metadata") and fix.endswith("options)")
+    assert "wsi-embed embed SLIDE --out" in fix

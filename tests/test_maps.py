@@ -158,3 +158,22 @@ def test_qc_cells_and_contour_stay_visible(stores):
     # the tissue contour is drawn at least 2 px wide on this small slide
     green = (with_cells[..., 1] > 180) & (with_cells[..., 0] < 40) & (with_cells[..., 2] < 40)
     assert green.sum() > 2 * (with_cells.shape[0] + with_cells.shape[1])
+
+
+def test_a_rerun_draws_the_map_a_complete_store_lacks(planted_cohort, tmp_path):
+    """A slide completed just before an interrupt has a store but no map: the rerun skips the slide
+    and draws its map; maps that exist are left as they are."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for row in planted_cohort["slides"][:2]:
+        shutil.copy(row["path"], slides)
+    out = tmp_path / "out"
+    args = ("embed", str(slides), "--out", str(out), "--model", ENC, "--weights", "random", "--workers", "0")
+    assert run_cli(*args).returncode == 0
+    lost, kept = (out / f"{row['slide_id']}.timm-test_vit.map.png" for row in planted_cohort["slides"][:2])
+    lost.unlink()
+    before = kept.stat().st_mtime_ns
+    again = run_cli(*args)
+    assert again.returncode == 0 and "2 skipped" in again.stdout, again.stdout
+    assert lost.is_file() and Image.open(lost).size[0] >= 1024
+    assert kept.stat().st_mtime_ns == before

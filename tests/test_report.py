@@ -178,3 +178,33 @@ def test_a_store_without_a_manifest_row_lists_only_its_complete_encoders(sample_
     rows, _ = collect(tmp_path)
     (row,) = [r for r in rows if r.slide_id == store.name[: -len(".zarr")]]
     assert row.status == "done" and row.encoders == ["timm:test_vit"]
+
+
+def test_a_done_slide_whose_store_is_damaged_or_gone_is_listed_as_failed(sample_slide, tmp_path):
+    """The manifest says done; the store's metadata says otherwise: the row says so and how to check."""
+    from wsi_embed.report import collect
+
+    out = tmp_path / "out"
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(sample_slide, slides / f"{name}.svs")
+    proc = run_cli("embed", str(slides), "--out", str(out), "--model", "timm:test_vit", "--weights", "random",
+                   "--workers", "0", "--mpp", "2")
+    assert proc.returncode == 0, proc.stderr
+    (out / "b.zarr" / "zarr.json").unlink()
+    shutil.rmtree(out / "c.zarr")
+    rows = {r.slide_id: r for r in collect(out)[0]}
+    assert rows["a"].status == "done"
+    assert rows["b"].status == "failed" and "damaged" in rows["b"].error
+    assert rows["b"].fix == f"check it with: wsi-embed verify {out} --repair"
+    assert rows["c"].status == "failed" and "gone" in rows["c"].error
+    proc = run_cli("report", str(out))
+    assert proc.returncode == 0 and "damaged" in (out / "report.html").read_text()
+
+
+def test_report_refuses_a_folder_that_is_not_an_output_folder(tmp_path):
+    proc = run_cli("report", str(tmp_path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error:") and "--out folder" in proc.stderr
+    assert not (tmp_path / "report.html").exists()

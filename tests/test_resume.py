@@ -9,6 +9,7 @@ import dataclasses
 
 import errno
 import json
+import os
 import shutil
 import signal
 import socket
@@ -192,6 +193,9 @@ def test_limits_and_options_are_checked(slide_copy, tmp_path):
 @pytest.mark.parametrize("args, text", [
     (("--model", "no-such-model", "--weights", "random"), "no-such-model"),
     (("--model", MODEL, "--weights", "random", "--device", "cuda:7"), "--device"),
+    (("--model", MODEL, "--weights", "random", "--precision", "fp8"), "--precision"),
+    (("--model", MODEL, "--weights", "random", "--device", "cpu", "--decode", "gpu"), "--decode gpu"),
+    (("--model", f"{MODEL},{MODEL}", "--weights", "random"), "named twice"),
 ])
 def test_the_first_screen_validates_before_the_banner(slide_copy, tmp_path, args, text):
     out = tmp_path / "out"
@@ -217,3 +221,29 @@ def test_sigterm_during_preparation_ends_the_run_within_seconds(sample_slide, tm
     assert time.monotonic() - sent < 10, "SIGTERM took too long"
     assert proc.returncode == 130 and "interrupted" in err, err
     assert not list(out.glob(".*")) and not list(out.glob("*.zarr"))
+
+
+def test_ctrl_c_in_a_cohort_prints_one_line_and_no_traceback(sample_slide, tmp_path):
+    """Ctrl-C reaches the whole process group, slide-planning processes included: only the run's own
+    "interrupted" line is printed, and only complete stores are left."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(4):
+        shutil.copy(sample_slide, slides / f"s{i}.svs")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "wsi_embed.cli", "embed", str(slides), "--out", str(out), *CLI_FAST,
+            "--patch-size", "32", "--prepare-processes", "1"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("*.zarr")):
+        time.sleep(0.05)  # the first slide is done: the next ones are being planned in a process
+    time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert "Traceback" not in err, err
+    for store in out.glob("*.zarr"):
+        assert open_store(store, verify=True).attrs["wsi_embed"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name.endswith(".zarr")]

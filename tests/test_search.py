@@ -289,3 +289,25 @@ def test_sections_of_one_block_find_each_other_first(tmp_path):
     right = sum(search(index, slide=sid, top_k=1)["hits"][0]["slide_id"] == f"{sid[:-1]}{1 - int(sid[-1])}"
                 for sid in ids)
     assert right / len(ids) >= 0.9  # measured 12 of 12 (2-core VM)
+
+
+def test_a_store_with_lost_embedding_chunks_is_skipped_like_the_others(planted_cohort, indexed, tmp_path):
+    """Damage only a full read shows (a lost embeddings chunk) skips that store, as damage to its
+    metadata does; the index holds the others exactly as a build without it would."""
+    out = _copy_out(planted_cohort, tmp_path / "out")
+    chunk = next(p for p in (out / "planted_003.zarr" / ENCODER_GROUP / "embeddings" / "c").rglob("*") if p.is_file())
+    chunk.unlink()
+    done = run_cli("index", str(out), "--encoder", planted_cohort["encoder"])
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "planted_003.zarr" in done.stderr and "verify" in done.stderr
+    manifest = json.loads((Path(done.stdout.strip()) / "index.json").read_text())
+    assert [s["store"] for s in manifest["skipped"]] == ["planted_003.zarr"]
+    kept = [s["slide_id"] for s in manifest["slides"]]
+    assert "planted_003" not in kept and len(kept) == len(list(out.glob("*.zarr"))) - 1
+    index = open_index(Path(done.stdout.strip()))
+    full = open_index(indexed["index"])
+    assert index.table.shape[0] == manifest["counts"]["patches"] == sum(s["cells"] for s in manifest["slides"])
+    assert index.table[:, 0].max() == len(kept) - 1
+    hits = search(index, slide="planted_005", top_k=len(kept) - 1)["hits"]
+    assert "planted_003" not in {h["slide_id"] for h in hits} and len(hits) == len(kept) - 1
+    assert full.table.shape[0] > index.table.shape[0]

@@ -89,12 +89,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _plan(paths: Sequence[Path], opts: EmbedOptions, max_patches: int | None, decode=None):
+def _plan(paths: Sequence[Path], opts: EmbedOptions, max_patches: int | None, decode=None,
+          slide_mpp: float | None = None):
     """Read tasks for the tissue cells of each slide, up to ``max_patches`` in all."""
     tasks, read_px, left = [], None, max_patches
     for key, path in enumerate(paths):
         with open_slide(path, backend=opts.backend) as slide:
-            geo = plan_slide(slide, resolve_mpp(slide), replace(opts, max_patches=left), Path(path).stem)
+            geo = plan_slide(slide, resolve_mpp(slide, slide_mpp), replace(opts, max_patches=left), Path(path).stem)
             backend = slide.backend
         read_px = read_px or geo.grid.read_px
         for region in plan_regions(geo.grid, geo.mask, geo.block):
@@ -205,13 +206,14 @@ def _naive(tasks, read_px: int, patch_px: int, mean, std, limit: int) -> float:
 
 def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weights: str = "random",
               options: EmbedOptions = EmbedOptions(), max_patches: int | None = 512,
-              naive_patches: int = 128) -> dict:
-    """Measure one slide (or a directory of slides). ``max_patches`` caps the patches per phase."""
+              naive_patches: int = 128, slide_mpp: float | None = None) -> dict:
+    """Measure one slide (or a directory of slides). ``max_patches`` caps the patches per phase;
+    ``slide_mpp``: level-0 µm/px for slides without resolution metadata."""
     from .encoders import load_encoder
 
     from .cohort.discover import build_jobs
 
-    jobs = build_jobs([Path(target)])  # the same discovery and ids as `wsi-embed embed`
+    jobs = build_jobs([Path(target)], slide_mpp=slide_mpp)  # the same discovery and ids as `wsi-embed embed`
     paths = [job.path for job in jobs]
     device = select_device(options.device)
     precision = select_precision(options.precision, device)
@@ -223,7 +225,7 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with PeakRss() as rss:
-        tasks, read_px = _plan(paths, opts, max_patches, resolve_decode(opts.decode, device))
+        tasks, read_px = _plan(paths, opts, max_patches, resolve_decode(opts.decode, device), slide_mpp)
         # warm-up on a tenth of the regions (imports, handles, allocator), as compare_loader does: the
         # figure is a rate, like the decode limit it is held to (slide opening is in end-to-end)
         _loader_only(tasks[: max(1, len(tasks) // 10)], loader_workers, device, loader_threads, 2 * opts.batch_size)

@@ -219,9 +219,12 @@ def embed(
         slurm = slurm.merged(queue=slurm_queue, walltime=slurm_walltime, gres=slurm_gres, cores=slurm_cores,
                              memory=slurm_memory, jobs=slurm_jobs)
         if cluster is None:
-            from .infer import select_device
+            from .decode import check_decode
+            from .infer import select_device, select_precision
 
-            select_device(device)  # a device that is not there is said before anything else
+            chosen = select_device(device)  # a device that is not there is said before anything else
+            select_precision(precision, chosen)
+            check_decode(decode, chosen)
         else:
             from .cohort.cluster import check_cluster
 
@@ -318,6 +321,8 @@ def bench(
     naive_patches: int = typer.Option(128, help="Patches for the naive per-patch baseline (0: skip)."),
     compile: bool = typer.Option(False, "--compile"),
     decode: str = typer.Option("auto", help="JPEG tiles: auto | cpu | gpu (as for embed)."),
+    slide_mpp: Optional[float] = typer.Option(
+        None, "--slide-mpp", help="The slides' resolution in µm/px; overrides what the files say (0.05-100)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Loader-only, model-only and end-to-end patches/s, loader wait, peak RSS and GPU memory."""
@@ -329,11 +334,15 @@ def bench(
     try:
         if not target.exists():
             _fail(f"{target}: no such file or directory; check the path")
+        if slide_mpp is not None:
+            from .slide import check_slide_mpp
+
+            check_slide_mpp(slide_mpp)
         opts = EmbedOptions(grid=GridSpec(mpp=mpp, patch_px=patch_size), workers=workers,
                             batch_size=batch_size, device=device, precision=precision, compile=compile,
                             decode=decode)
         result = run_bench(target, model=model, weights=weights, options=opts,
-                           max_patches=max_patches or None, naive_patches=naive_patches)
+                           max_patches=max_patches or None, naive_patches=naive_patches, slide_mpp=slide_mpp)
     except WsiEmbedError as exc:
         _fail(str(exc))
     if as_json:

@@ -77,13 +77,18 @@ def resolve_decode(mode: str, device: torch.device | str) -> DecodePlan:
     """``--decode``: "auto" decodes JPEG tiles on a CUDA device and on the CPU otherwise; "gpu"
     needs a CUDA device; "cpu" keeps decoding in the loader workers."""
     device = torch.device(device)
-    if mode not in DECODE_MODES:
-        raise InvalidOption(f"unknown --decode {mode!r}; use one of {', '.join(DECODE_MODES)}")
+    check_decode(mode, device)
     if mode == "cpu" or (mode == "auto" and device.type != "cuda"):
         return CPU_PLAN
-    if device.type != "cuda":
-        raise InvalidOption(f"--decode gpu needs a CUDA device, not {device}; use --decode auto or cpu")
     return device_plan(device)
+
+
+def check_decode(mode: str, device: torch.device) -> None:
+    """InvalidOption for a ``--decode`` this device cannot do (no decoder is probed)."""
+    if mode not in DECODE_MODES:
+        raise InvalidOption(f"unknown --decode {mode!r}; use one of {', '.join(DECODE_MODES)}")
+    if mode == "gpu" and device.type != "cuda":
+        raise InvalidOption(f"--decode gpu needs a CUDA device, not {device}; use --decode auto or cpu")
 
 
 def device_plan(device: torch.device | str) -> DecodePlan:

@@ -73,7 +73,7 @@ def inspect_store(path: str | os.PathLike) -> dict:
         "problems": problems,
         "store": str(path),
         "summary": report.summary(),
-        "fix": None if report.ok else report.error_line().split("; ")[-1],
+        "fix": None if report.ok else report.fix(),
     }
     return {
         "slide": None if slide is None else {**_pick(slide, _SLIDE_KEYS), "store": str(path),

@@ -126,6 +126,8 @@ def check_models(names: list[str]) -> None:
     """Raise UnknownModel for a name that is neither registered nor a timm model, before any work."""
     from .encoders.registry import get_config
 
+    if len(set(names)) < len(names):
+        raise InvalidOption("the same model is named twice in --model")
     for name in names:
         if not name.startswith("timm:"):
             get_config(name)

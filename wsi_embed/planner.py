@@ -42,6 +42,14 @@ def plan_slide_file(job: SlideJob, opts: EmbedOptions) -> SlidePlan:
         return plan_slide(slide, resolve_mpp(slide, job.slide_mpp), opts, job.slide_id, job=job)
 
 
+def _leave_interrupts_to_the_parent() -> None:
+    """Ctrl-C reaches the whole process group: the run stops in the parent, which shuts the pool
+    down; a planning process would only print a traceback of its own."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Planner:
     """Plans slides in the calling thread (``processes=0``) or in a pool of spawned processes."""
 
@@ -60,7 +68,8 @@ class Planner:
                     self.processes = 0
                     return None
                 # spawn: the parent holds threads (zarr's I/O loop, torch) that fork would copy mid-state
-                self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_leave_interrupts_to_the_parent)
             return self._pool
 
     def plan(self, slide, mpp, job: SlideJob, opts: EmbedOptions, cancel: threading.Event) -> SlidePlan:

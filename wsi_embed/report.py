@@ -110,7 +110,13 @@ def finish_run(out_dir: str | os.PathLike, summary, *, maps: bool = True, cluste
     except OSError as exc:
         _warn(extras, f"{out_dir / RUNS_NAME}: the run record cannot be written ({exc.strerror or exc})")
     if maps:
-        stores = [r.store for r in summary.results if r.status == "done" and r.store]
+        from .maps import map_path_for
+
+        def lacks_a_map(r) -> bool:  # e.g. done just before an interrupt: the resumed run draws it
+            return any(not map_path_for(out_dir, r.slide_id, enc).exists() for enc in r.encoders)
+
+        stores = [r.store for r in summary.results
+                  if r.store and (r.status == "done" or (r.status == "skipped" and lacks_a_map(r)))]
         try:
             from .maps import write_maps
 
@@ -233,6 +239,10 @@ def collect(out_dir: Path, *, attention: str | os.PathLike | None = None,
                 _int(done.get("cells")) if done.get("status") == "done" else None,
                 _float(done.get("seconds")) if done.get("status") == "done" else None, encs,
                 timestamp=str(row.get("timestamp") or ""))
+        if r.status == "done":
+            problem = _store_problem(out_dir, f"{sid}.zarr", encs, names)
+            if problem:
+                r.status, r.error, r.fix = "failed", problem, split_fix(problem)
         if r.status == "failed":
             r.cells = r.seconds = None
         if f"{sid}.qc.png" in names:
@@ -248,6 +258,20 @@ def collect(out_dir: Path, *, attention: str | os.PathLike | None = None,
     order = {"failed": 0, "skipped": 2}
     out.sort(key=lambda r: (order.get(r.status, 1), r.slide_id))
     return out, runs
+
+
+def _store_problem(out_dir: Path, store: str, encoders: list[str], names: set[str]) -> str | None:
+    """Why a slide the manifest calls done has no usable store, from its metadata alone (chunks are
+    left to ``wsi-embed verify``); None when the store says every one of ``encoders`` is complete."""
+    path = out_dir / store
+    if store not in names:
+        return f"{path}: the store is gone since it was embedded; rerun wsi-embed embed on this slide"
+    complete = completed_encoders(path)
+    lost = [e for e in encoders if e not in complete] if encoders else ([] if complete else ["its encoders"])
+    if lost:
+        return (f"{path}: the store is damaged ({', '.join(lost)} not complete or unreadable); "
+                f"check it with: wsi-embed verify {out_dir} --repair")
+    return None
 
 
 def _href(out_dir: Path, target: Path) -> str:
@@ -427,6 +451,10 @@ def rebuild(out_dir: str | os.PathLike, *, maps: bool = False, clusters: int | N
     out_dir = Path(out_dir).absolute()
     if not out_dir.is_dir():
         raise NotAnOutputFolder(f"{out_dir}: no such output folder; give the --out folder of wsi-embed embed")
+    if not (any(p.suffix == ".zarr" for p in out_dir.iterdir()) or read_runs(out_dir)
+            or _manifests(out_dir, [], None)):
+        raise NotAnOutputFolder(f"{out_dir}: holds no stores, manifest or run record of wsi-embed; "
+                                "give the --out folder of wsi-embed embed")
     extras = RunExtras()
     if maps or clusters is not None:
         from .maps import check_clusters, write_maps

@@ -398,7 +398,12 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto") -> Slide:
         raise InvalidOption(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if not path.exists():
         raise SlideNotFound(f"{path}: no such file; check the path")
-    if path.is_dir() and path.suffix.lower() != ".zarr":
+    if not (path.is_file() or path.is_dir()):  # reading a pipe or a device would block or never end
+        raise UnreadableSlide(f"{path}: not a regular file (a pipe, socket or device); pass the slide file itself")
+    if path.is_dir() and path.suffix.lower() == ".zarr":
+        raise UnreadableSlide(f"{path}: is a Zarr folder (a wsi-embed store?), not a slide file; "
+                              f"look inside a store with `wsi-embed inspect {path}`, or pass the slide file")
+    if path.is_dir():
         from .dicom import dicom_folder_file
 
         path = dicom_folder_file(path)  # a folder holding one DICOM series: one of its files

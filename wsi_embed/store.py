@@ -232,7 +232,9 @@ class StoreWriter:
 
     def update_geometry(self, name: str, data: np.ndarray) -> None:
         self._check_open()
-        self._root[name][...] = data
+        # the runtime config is not stored with the array: without it, an all-empty chunk (a mask
+        # whose cells were all dropped) would be deleted, and a missing geometry chunk means damage
+        self._root[name].with_config(_EVERY_CHUNK)[...] = data
 
     def root_attrs(self) -> dict:
         return self._root.attrs.asdict()
@@ -544,8 +546,15 @@ class EmbeddingStore:
             return CheckedArray(_read_array(self.path / node / "embeddings"), self.path, f"{node}/embeddings")
 
     def _geometry(self, name: str) -> zarr.Array:
+        """A geometry array; every chunk of one is written (checksummed stores), so a missing chunk
+        file is damage, not the fill value zarr would silently read in its place."""
         with read_guard(self.path, name):
-            return CheckedArray(_read_array(self.path / name), self.path, name)
+            array = _read_array(self.path / name)
+            missing = int(array.nchunks) - int(array.nchunks_initialized) if has_checksums(array) else 0
+        if missing > 0:
+            raise CorruptStore(f"{self.path}: {name} is damaged ({missing} of {array.nchunks} chunk files are "
+                               f"missing); {repair_hint(self.path)}")
+        return CheckedArray(array, self.path, name)
 
     @property
     def mask(self) -> np.ndarray:

@@ -90,11 +90,14 @@ class StoreReport:
     def line(self) -> str:
         return f"ok       {self.path}" if self.ok else f"damaged  {self.path}: {self.summary()}"
 
+    def fix(self) -> str:
+        """What to do about the damage."""
+        return (f"it cannot be repaired automatically ({'; '.join(self.unrepairable)})" if self.unrepairable
+                else repair_hint(self.path))
+
     def error_line(self) -> str:
         """The message of :class:`~wsi_embed.errors.CorruptStore` for this store."""
-        fix = (f"it cannot be repaired automatically ({'; '.join(self.unrepairable)})" if self.unrepairable
-               else repair_hint(self.path))
-        return f"{self.path}: damaged: {self.summary()}; {fix}"
+        return f"{self.path}: damaged: {self.summary()}; {self.fix()}"
 
     def to_dict(self) -> dict:
         return {"store": str(self.path), "ok": self.ok, "damaged": self.damaged_parts,

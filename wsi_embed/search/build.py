@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import EncoderMismatch, WsiEmbedError
+from ..errors import CorruptStore, EncoderMismatch, WsiEmbedError
 from ..atomic import swap_in_dir, tmp_suffix
 from ..store import group_name, is_temporary, open_store, store_slide_id
 
@@ -179,14 +179,19 @@ def _write(folder: Path, members: list[_Member], skipped: list[dict], exact_max:
 
         ann = Index(ndim=dim, metric="cos", dtype="f32")
     slides, k = [], 0
-    for i, m in enumerate(members):
+    for m in members:
         store = open_store(m.store)
-        feats, xy = store.bag(m.encoder)
+        try:
+            feats, xy = store.bag(m.encoder)  # reads every chunk: damage the metadata did not show
+        except CorruptStore as exc:
+            skipped.append({"store": m.store.name, "reason": str(exc)})
+            log.warning("%s: skipped: %s", m.store.name, exc)
+            continue
         rows, cols = np.nonzero(store.mask)  # bag order is row-major, as np.nonzero's
         if feats.shape[1] != dim:
             raise EncoderMismatch(f"{m.store}: {m.encoder} embeddings have dim {feats.shape[1]}, the group says "
                                   f"{dim}; verify it with wsi-embed verify {m.store}")
-        c = len(feats)
+        c, i = len(feats), len(slides)
         slide_vectors[i] = _normalise(feats.mean(axis=0, dtype=np.float64))
         table[k : k + c] = np.column_stack([np.full(c, i), rows, cols, xy[:, 0], xy[:, 1]])
         unit = _normalise(feats)
@@ -204,6 +209,9 @@ def _write(folder: Path, members: list[_Member], skipped: list[dict], exact_max:
             "cell_size0": float(m.grid.get("cell_size0", 0.0)), "target_mpp": mpp,
         })
         k += c
+    if not slides:
+        raise CorruptStore(f"{folder.parent}: every store holding {members[0].encoder} is damaged; "
+                           f"check them with: wsi-embed verify {folder.parent} --repair")
     table.flush()
     if kind == "exact":
         vectors.flush()
@@ -211,14 +219,18 @@ def _write(folder: Path, members: list[_Member], skipped: list[dict], exact_max:
     else:
         ann.save(str(folder / PATCH_USEARCH))
     del table
-    np.save(folder / SLIDE_VECTORS, slide_vectors)
+    if k < n:  # a store was skipped above: drop the rows reserved for it
+        for name in (PATCH_TABLE, PATCH_VECTORS) if kind == "exact" else (PATCH_TABLE,):
+            kept = np.load(folder / name, mmap_mode="r")[:k].copy()
+            np.save(folder / name, kept)
+    np.save(folder / SLIDE_VECTORS, slide_vectors[: len(slides)])
     enc = {key: value for key, value in members[0].enc.items() if key not in ("decoder", "decoders", "fallback")}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "wsi_embed_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "encoder": members[0].encoder, "group": group_name(members[0].encoder), "dim": dim,
         "metric": METRIC, "distance": DISTANCE, "kind": kind, "exact_max_patches": exact_max,
-        "counts": {"slides": len(members), "patches": n, "skipped": len(skipped)},
+        "counts": {"slides": len(slides), "patches": k, "skipped": len(skipped)},
         "grid": {"target_mpp": float(members[0].grid.get("target_mpp", 0.0)),
                  "patch_px": int(members[0].grid.get("patch_px", 0))},
         "encoder_attrs": enc,
