@@ -3,6 +3,7 @@ per-patch baseline, measured in one run on the same slides, batch size and preci
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import threading
@@ -29,8 +30,10 @@ class PeakRss:
 
     Uses PSS where the kernel gives it: forked workers share pages with the parent, and summing
     plain RSS would count those pages once per process. Reading PSS walks every mapping (5-20 ms
-    for a process holding torch), so the sampler waits at least ``overhead`` times as long as its
-    last sample took: it never takes more than ~1/overhead of a core from what it measures.
+    for a process holding torch), so it is read at most once per ``overhead`` times as long as its
+    last reading took (the sampler takes ~1/overhead of a core from what it measures). Between
+    readings, every ``interval`` the cheap RSS is read and the shared part seen at the last PSS
+    reading taken off, so a short-lived allocation still counts.
     """
 
     def __init__(self, interval: float = 0.05, overhead: float = 40.0):
@@ -40,28 +43,48 @@ class PeakRss:
         self._interval = interval
         self._overhead = overhead
         self.peak = 0
-        self.samples = 0
+        self.samples = 0  # PSS readings
         self.sampling_s = 0.0  # time spent sampling (the sampler's own cost)
+        self._shared = 0  # RSS beyond PSS at the last PSS reading
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _processes(self) -> list:
+        try:
+            return [self._proc, *self._proc.children(recursive=True)]
+        except Exception:  # a child that exited while being listed
+            return [self._proc]
+
+    @staticmethod
+    def _sum(processes: list, read) -> int:
         total = 0
-        for p in [self._proc, *self._proc.children(recursive=True)]:
+        for p in processes:
             try:
-                total += getattr(p.memory_full_info(), "pss", None) or p.memory_info().rss
+                total += read(p)
             except Exception:  # a worker that just exited
                 pass
         return total
 
+    def _sample(self, with_pss: bool) -> None:
+        processes = self._processes()
+        rss = self._sum(processes, lambda p: p.memory_info().rss)
+        if with_pss:
+            pss = self._sum(processes, lambda p: getattr(p.memory_full_info(), "pss", None) or p.memory_info().rss)
+            self._shared = max(0, rss - pss)
+            self.samples += 1
+        self.peak = max(self.peak, rss - self._shared)
+
     def _run(self) -> None:
+        next_pss = 0.0
         while not self._stop.is_set():
             started = time.perf_counter()
-            self.peak = max(self.peak, self._sample())
+            with_pss = started >= next_pss
+            self._sample(with_pss)
             took = time.perf_counter() - started
-            self.samples += 1
             self.sampling_s += took
-            self._stop.wait(max(self._interval, self._overhead * took))
+            if with_pss:
+                next_pss = started + self._overhead * took
+            self._stop.wait(self._interval)
 
     def __enter__(self) -> "PeakRss":
         self._thread.start()
@@ -70,7 +93,7 @@ class PeakRss:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._sample())
+        self._sample(with_pss=True)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -162,8 +185,9 @@ def _decode_limit(tasks) -> float | None:
     return patches / seconds if seconds else None
 
 
-def _model_only(runner: EncoderRunner, read_px: int, batch_size: int, n_patches: int, device) -> float:
-    """uint8 batches of the read size already on the device: convert, resize, normalize, encode."""
+def _model_only(runner: EncoderRunner, read_px: int, batch_size: int, n_patches: int, device) -> tuple[int, float]:
+    """uint8 batches of the read size already on the device: convert, resize, normalize, encode.
+    (patches, seconds)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (batch_size, read_px, read_px, 3), dtype=torch.uint8, generator=gen).to(device)
     runner(x).cpu()  # warm-up: kernels, autotuning, lazy init
@@ -173,7 +197,7 @@ def _model_only(runner: EncoderRunner, read_px: int, batch_size: int, n_patches:
     for _ in range(batches):
         runner(x).cpu()  # the pipeline copies every batch back, so this does too
     _sync(device)
-    return batches * batch_size / (time.perf_counter() - t0)
+    return batches * batch_size, time.perf_counter() - t0
 
 
 def _naive(tasks, read_px: int, patch_px: int, mean, std, limit: int) -> float:
@@ -230,12 +254,18 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
         # figure is a rate, like the decode limit it is held to (slide opening is in end-to-end)
         _loader_only(tasks[: max(1, len(tasks) // 10)], loader_workers, device, loader_threads, 2 * opts.batch_size)
         n_loader, t_loader = _loader_only(tasks, loader_workers, device, loader_threads, 2 * opts.batch_size)
-        model_rate = _model_only(runner, read_px or opts.grid.patch_px, opts.batch_size, n_loader, device)
+        # model-only in two halves, before and after end-to-end: a machine whose speed drifts over
+        # minutes (shared VMs) then moves both figures alike, and their ratio keeps its meaning
+        model = functools.partial(_model_only, runner, read_px or opts.grid.patch_px, opts.batch_size,
+                                  device=device)
+        before = model(n_loader // 2)
         stats = RunStats()
         with tempfile.TemporaryDirectory(prefix="wsi-embed-bench-") as out:
             per_slide_cap = max_patches if len(paths) == 1 else None
             results = list(embed_slides(jobs, out, [encoder], weights, replace(opts, max_patches=per_slide_cap),
                                         stats=stats))
+        after = model(n_loader - n_loader // 2)
+        model_rate = (before[0] + after[0]) / (before[1] + after[1])
         decode_limit = _decode_limit(tasks)
         naive_rate = _naive(tasks, read_px, opts.grid.patch_px, encoder.config.mean, encoder.config.std,
                             naive_patches) if naive_patches else None
