@@ -233,8 +233,9 @@ def test_ctrl_c_in_a_cohort_prints_one_line_and_no_traceback(sample_slide, tmp_p
     out = tmp_path / "out"
     args = [sys.executable, "-m", "wsi_embed.cli", "embed", str(slides), "--out", str(out), *CLI_FAST,
             "--patch-size", "32", "--prepare-processes", "1"]
+    # a shell running the tests in the background ignores SIGINT, and its children inherit that
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("*.zarr")):
         time.sleep(0.05)  # the first slide is done: the next ones are being planned in a process
