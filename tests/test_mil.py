@@ -246,6 +246,43 @@ def test_errors_are_one_line_in_the_workflow(cohort, tmp_path):
     assert done.stderr.startswith("error: ") and "two classes" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("args, needle", [
+    (("--device", "gpu"), "--device"),
+    (("--workers", "-1"), "--workers must be at least 0"),
+    (("--epochs", "0"), "--epochs must be at least 1"),
+    (("--max-instances", "0"), "--max-instances must be at least 1"),
+    (("--folds", "1"), "--folds 1"),
+])
+def test_bad_workflow_options_are_one_line(cohort, tmp_path, args, needle):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "workflows/train_abmil.py", "--stores", str(cohort["out"]),
+                           "--labels", str(cohort["labels"]), "--encoder", cohort["encoder"], "--out", str(out), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: ") and needle in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not out.exists()  # nothing made before the options were checked
+
+
+def test_numeric_labels_that_are_equal_are_one_class(cohort, tmp_path):
+    """0, 0.0 and " 1" from a spreadsheet: two classes, in numeric order, whatever the hash seed."""
+    rows = [[r["slide_id"], ["0", "0.0", " 1", "1.0"][i % 4]] for i, r in enumerate(cohort["slides"])]
+    table = read_labels(write_csv(tmp_path / "labels.csv", ["slide_id", "label"], rows))
+    assert table.classes == ("0", "1")
+    assert table.labels == tuple(0 if i % 4 < 2 else 1 for i in range(len(rows)))
+    text = read_labels(write_csv(tmp_path / "text.csv", ["slide_id", "label"],
+                                 [[r["slide_id"], ["b", "a ", "10", "9"][i % 4]] for i, r in enumerate(cohort["slides"])]))
+    assert text.classes == ("10", "9", "a", "b")  # not all numbers: as text, stripped
+
+
+def test_one_patient_per_class_says_folds_cannot_work(cohort, tmp_path):
+    rows = [[cohort["slides"][0]["slide_id"], 0], [cohort["slides"][1]["slide_id"], 1]]
+    table = read_labels(write_csv(tmp_path / "two.csv", ["slide_id", "label"], rows))
+    with pytest.raises(LabelsError) as err:
+        patient_splits(table, 2)
+    assert "at least 2 patients per class" in str(err.value) and "use at most" not in str(err.value)
+
+
 # -- patient splits --------------------------------------------------------------------------
 
 def test_patient_splits_keep_patients_whole(cohort, ds):
@@ -368,3 +405,20 @@ def test_train_abmil_on_a_real_trunk_with_standin_weights(torch_home, tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["auc_mean"] >= 0.9
+
+
+def test_a_second_run_into_the_same_out_leaves_no_outputs_of_the_first(cohort, tmp_path):
+    out = tmp_path / "run"
+    base = [sys.executable, "workflows/train_abmil.py", "--stores", str(cohort["out"]), "--labels",
+            str(cohort["labels"]), "--encoder", cohort["encoder"], "--out", str(out), "--epochs", "1"]
+    first = subprocess.run([*base, "--folds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in out.glob("fold_*.pt")) == ["fold_0.pt", "fold_1.pt", "fold_2.pt"]
+    (out / "notes.txt").write_text("mine")
+    second = subprocess.run([*base, "--folds", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert sorted(p.name for p in out.glob("fold_*.pt")) == ["fold_0.pt", "fold_1.pt"]
+    results = json.loads((out / "results.json").read_text())
+    held_out = {s for f in results["folds"] for s in f["test_slides"]}
+    assert {p.name.split(".")[0] for p in (out / "attention").glob("*.attention.png")} == held_out
+    assert (out / "notes.txt").read_text() == "mine"  # only the script's own files are replaced

@@ -208,3 +208,31 @@ def test_report_refuses_a_folder_that_is_not_an_output_folder(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:") and "--out folder" in proc.stderr
     assert not (tmp_path / "report.html").exists()
+
+
+def test_a_manifest_shared_by_two_output_folders(sample_slide, tmp_path):
+    """Each folder's report lists its own slides; a skipped slide's row gives the cells its store holds;
+    the run record names the manifest by its absolute path (reports from any working directory)."""
+    import csv as _csv
+    import json as _json
+
+    from wsi_embed.cohort import plan_cohort
+    from wsi_embed.report import collect
+
+    a, b = tmp_path / "a.svs", tmp_path / "b.svs"
+    shutil.copy(sample_slide, a)
+    shutil.copy(sample_slide, b)
+    shared = tmp_path / "shared.csv"
+    common = ("--model", "timm:test_vit", "--weights", "random", "--workers", "0", "--mpp", "2", "--no-maps",
+              "--manifest", str(shared))
+    for slide, out in ((a, tmp_path / "out1"), (b, tmp_path / "out2"), (a, tmp_path / "out1")):
+        done = run_cli("embed", str(slide), "--out", str(out), *common)
+        assert done.returncode == 0, done.stderr
+    rows = list(_csv.DictReader(shared.open()))
+    assert [r["status"] for r in rows] == ["done", "done", "skipped"]
+    assert rows[2]["cells"] == rows[0]["cells"] and int(rows[0]["cells"]) > 0
+    assert [r.slide_id for r in collect(tmp_path / "out2")[0]] == ["b"]
+    assert [r.slide_id for r in collect(tmp_path / "out1")[0]] == ["a"]
+    record = _json.loads((tmp_path / "out1" / "runs.jsonl").read_text().splitlines()[-1])
+    assert record["manifest"] == str(shared.absolute())
+    assert [j.slide_id for j in plan_cohort([tmp_path / "a.svs", tmp_path / "b.svs"], shard="1/2")] == ["b"]

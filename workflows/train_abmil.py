@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from wsi_embed import WsiEmbedError
 from wsi_embed.atomic import write_atomic
+from wsi_embed.infer import select_device
 from wsi_embed.mil import BagDataset, attention_heatmap, collate_bags, patient_splits
 from wsi_embed.qc import write_png_atomic
 
@@ -93,12 +94,6 @@ class CachedBags(Dataset):
             self.cache[sid] = item
             self.budget[0] -= size
         return item
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def subsample(batch: dict, max_instances: int | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,12 +183,22 @@ def save_attention(ds: BagDataset, pred: dict, fold: int, attention_dir: Path) -
     write_png_atomic(attention_heatmap(path, grid, title=title), attention_dir / f"{sid}.attention.png")
 
 
+def clear_earlier_outputs(out: Path) -> None:
+    """--out holds one run: an earlier run's models, heatmaps and results there would be taken for
+    this one's (only the files this script writes are removed)."""
+    for pattern in ("fold_*.pt", "predictions.csv", "results.json", "attention/*.attention.png",
+                    "attention/*.attention.npy"):
+        for path in out.glob(pattern):
+            path.unlink()
+
+
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
-    (out / "attention").mkdir(parents=True, exist_ok=True)
-    device = pick_device(args.device)
+    device = select_device(args.device)
     ds = BagDataset(args.stores, args.labels, args.encoder, label_column=args.label_column)
     folds = patient_splits(ds, args.folds, seed=args.seed)
+    clear_earlier_outputs(out)
+    (out / "attention").mkdir(parents=True, exist_ok=True)
     n_classes = len(ds.classes)
     cache: dict[str, dict] = {}
     budget = [args.cache_mb << 20 if args.workers == 0 else 0]  # a worker's cache would die with it
@@ -262,9 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-mb", type=int, default=4096, help="memory for bags kept between epochs (workers 0)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.epochs < 1 or args.batch_size < 1:
-        print("error: --epochs and --batch-size must be at least 1", file=sys.stderr)
-        return 2
+    for name, value, least in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                               ("--max-instances", args.max_instances, 1), ("--workers", args.workers, 0),
+                               ("--cache-mb", args.cache_mb, 0)):
+        if value is not None and value < least:
+            print(f"error: {name} must be at least {least}, not {value}", file=sys.stderr)
+            return 1
     try:
         summary = run(args)
     except WsiEmbedError as exc:

@@ -141,7 +141,7 @@ def embed(
     batch_size: int = typer.Option(64, help="Patches per encoder batch."),
     prepare_processes: Optional[int] = typer.Option(
         None, help="Processes that plan slides ahead (thumbnail, tissue, grid), so planning never shares the "
-                   "GIL with the thread feeding the device (default: 2 on a GPU host with 8+ cores, else 0: in a thread)."),
+                   "GIL with the thread feeding the device (default: 2 on a GPU host with 8+ cores, else 1; 0: in a thread)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     decode: str = typer.Option("auto", help="JPEG tiles: auto (on the GPU with CUDA, else CPU) | cpu | gpu"),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import csv
 import logging
+import math
 import os
 import zlib
 from collections.abc import Sequence
@@ -60,10 +61,23 @@ class LabelTable:
                           pick(self.folds), pick(self.splits))
 
 
+def _class_names(raw: list[str]) -> list[str]:
+    """Each label as its class name: when every label is a number, numbers that are equal are one
+    class (``1``, ``1.0`` and `` 1`` from a spreadsheet: ``1``); else the stripped text."""
+    text = [v.strip() for v in raw]
+    try:
+        numbers = [float(v) for v in text]
+    except ValueError:
+        return text
+    if not all(math.isfinite(n) for n in numbers):
+        return text
+    return [str(int(n)) if n.is_integer() else repr(n) for n in numbers]
+
+
 def _sort_values(values: set[str]) -> list[str]:
     """Class names in a natural order: numerically when every one is a number, else as text."""
     try:
-        return sorted(values, key=float)
+        return sorted(values, key=lambda v: (float(v), v))
     except ValueError:
         return sorted(values)
 
@@ -105,7 +119,8 @@ def read_labels(path: str | os.PathLike, label_column: str = "label") -> LabelTa
         kept.append(row)
     if empty:
         log.warning("%s: %d slides with an empty %r are left out", path, empty, label_column)
-    classes = _sort_values({r[label_column] for r in kept})
+    names = _class_names([r[label_column] for r in kept])
+    classes = _sort_values(set(names))
     if len(classes) < 2:
         found = f"only {classes[0]!r}" if classes else "no labels"
         raise LabelsError(f"{path}: column {label_column!r} has {found} over {len(kept)} slides; "
@@ -115,7 +130,7 @@ def read_labels(path: str | os.PathLike, label_column: str = "label") -> LabelTa
     return LabelTable(
         path=str(path),
         slide_ids=tuple(r["slide_id"] for r in kept),
-        labels=tuple(index[r[label_column]] for r in kept),
+        labels=tuple(index[name] for name in names),
         classes=tuple(classes),
         patients=tuple(r.get("patient_id") or r["slide_id"] for r in kept),  # no patient: the slide is one
         folds=optional["fold"],
@@ -397,7 +412,7 @@ def patient_splits(source: BagDataset | LabelTable | str | os.PathLike, n_folds:
     from sklearn.model_selection import StratifiedGroupKFold
 
     if n_folds < 2:
-        raise InvalidOption(f"patient_splits: n_folds must be at least 2, not {n_folds}")
+        raise InvalidOption(f"--folds {n_folds}: cross-validation needs at least 2 folds (n_folds)")
     n_patients = len(set(table.patients))
     if n_patients < n_folds:
         raise LabelsError(f"{table.path}: {n_patients} patients cannot fill {n_folds} folds; "
@@ -407,8 +422,10 @@ def patient_splits(source: BagDataset | LabelTable | str | os.PathLike, n_folds:
         per_class.setdefault(label, set()).add(patient)
     fewest = min(len(p) for p in per_class.values())
     if fewest < n_folds:
+        fix = (f"use at most {fewest} folds, or give a fold column" if fewest >= 2 else
+               "stratified folds need at least 2 patients per class: add slides, or give a fold or split column")
         raise LabelsError(f"{table.path}: a class has only {fewest} patient(s), too few for {n_folds} stratified "
-                          f"folds; use at most {max(2, fewest)} folds, or give a fold column")
+                          f"folds; {fix}")
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     folds = []
     try:

@@ -33,8 +33,8 @@ from .planner import Planner, default_prepare_processes
 from .qc import qc_path_for, qc_title, render_qc, render_store_qc, write_png_atomic
 from .resume import options_conflict, Resume, plan_resume
 from .slide import ensure_intact, fingerprint, open_slide, resolve_mpp
-from .store import (StoreWriter, completed_encoders, ensure_writable, read_guard, remove_stale_temporaries,
-                    store_path)
+from .store import (StoreWriter, completed_encoders, embedded_cells, ensure_writable, read_guard,
+                    remove_stale_temporaries, store_path)
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,8 @@ def _failed_run(job: SlideJob, error: str) -> SlideRun:
 def _skipped(job: SlideJob, names: Sequence[str], out_dir: Path, note: str = "complete") -> SlideRun:
     store = str(store_path(out_dir, job.slide_id)) if note == "complete" else None
     return SlideRun(job, time.perf_counter(), SlideResult(
-        str(job.path), job.slide_id, "skipped", encoders=list(names), store=store, note=note))
+        str(job.path), job.slide_id, "skipped", encoders=list(names), store=store, note=note,
+        cells=embedded_cells(Path(store)) if store else 0))
 
 
 def embed_slide(path: str | Path, out_dir: str | Path, models: Sequence = ("lunit-bt-rn50",),

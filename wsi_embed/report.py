@@ -55,7 +55,8 @@ def run_record(summary) -> dict:
             "slides": summary.total, "done": summary.done, "skipped": summary.skipped, "failed": summary.failed,
             "locked": summary.locked, "cells": summary.cells,
             "patches_per_s": None if rate is None else round(rate, 2),
-            "manifest": str(summary.manifest) if summary.manifest else None, "version": __version__,
+            "manifest": str(Path(summary.manifest).absolute()) if summary.manifest else None,  # any cwd
+            "version": __version__,
             "machine": machine_info()}
 
 
@@ -212,8 +213,8 @@ def collect(out_dir: Path, *, attention: str | os.PathLike | None = None,
             continue
         for row in rows:
             sid = row.get("slide_id")
-            if not sid:
-                continue
+            if not sid or _elsewhere(row.get("store"), out_dir):
+                continue  # a manifest shared with other output folders: their slides are theirs
             if row.get("status") == "done":
                 last_done[sid] = row
             if row.get("status") == "skipped" and str(row.get("note", "")).startswith("locked") and sid in latest:
@@ -258,6 +259,16 @@ def collect(out_dir: Path, *, attention: str | os.PathLike | None = None,
     order = {"failed": 0, "skipped": 2}
     out.sort(key=lambda r: (order.get(r.status, 1), r.slide_id))
     return out, runs
+
+
+def _elsewhere(store: str | None, out_dir: Path) -> bool:
+    """The row's store is in another output folder, which still holds it, and this one has none of
+    that name (a folder moved or copied since keeps its rows)."""
+    if not store:
+        return False
+    path = Path(store)
+    return (path.exists() and os.path.realpath(path.parent) != os.path.realpath(out_dir)
+            and not (out_dir / path.name).exists())
 
 
 def _store_problem(out_dir: Path, store: str, encoders: list[str], names: set[str]) -> str | None:

@@ -21,7 +21,7 @@ from ..jobs import EmbedOptions, SlideJob, SlideResult
 from .discover import build_jobs
 from .results import (EXIT_FAILED, EXIT_LOCKED, EXIT_OK, MANIFEST_NAME, CohortSummary, Recorder,
                       default_manifest, id_failure, start_run)
-from .shard import Shard
+from .shard import Shard, parse_shard
 
 __all__ = [  # the shared names from .results stay importable from here
     "EXIT_FAILED", "EXIT_LOCKED", "EXIT_OK", "MANIFEST_NAME", "CohortSummary", "Recorder", "default_manifest",
@@ -32,12 +32,15 @@ log = logging.getLogger(__name__)
 
 
 def plan_cohort(inputs: Sequence[str | os.PathLike] = (), list_file: str | os.PathLike | None = None, *,
-                slide_mpp: float | None = None, shard: Shard | None = None,
+                slide_mpp: float | None = None, shard: Shard | str | None = None,
                 out_dir: str | os.PathLike | None = None, options: EmbedOptions | None = None) -> list[SlideJob]:
     """The jobs of this run: ids are given over the whole cohort first, then the shard is taken.
 
     ``out_dir``: the run's output folder; slides whose stores are there keep their ids (a cohort
-    that grows re-embeds nothing, see :func:`~wsi_embed.cohort.discover.assign_ids`)."""
+    that grows re-embeds nothing, see :func:`~wsi_embed.cohort.discover.assign_ids`). ``shard``: a
+    :class:`Shard` or its CLI spelling, ``"I/N"``."""
+    if isinstance(shard, str):
+        shard = parse_shard(shard)
     jobs = build_jobs(inputs, list_file, slide_mpp, out_dir=out_dir)
     if options is not None:  # on the whole cohort: a shard of one slide must not hide a shared mask file
         from ..masks import check_one_file_specs
