@@ -8,8 +8,9 @@ cross-validation, and draw each slide's attention over its thumbnail.
 Folds come from ``wsi_embed.mil.patient_splits`` (a ``fold`` or ``split`` column of the labels when
 there is one; else stratified folds that never split a patient). Each fold trains a fresh model for
 ``--epochs`` epochs on its training slides and is scored on its held-out slides: ROC AUC for two
-classes, balanced accuracy for more. Every slide is held out exactly once (once in all with a
-``split`` column), and its attention heatmap comes from the model that did not see it.
+classes, balanced accuracy for more. Without a ``split`` column every slide is held out exactly once;
+with one, the ``test`` slides are (``val`` slides are neither trained on nor scored). A held-out
+slide's attention heatmap comes from the model that did not see it.
 
 Writes, under ``--out``: ``fold_<k>.pt`` (state dict and config), ``predictions.csv`` (one row per
 held-out slide), ``attention/<slide_id>.attention.png`` (and ``.attention.npy``: the (rows, cols)
