@@ -478,3 +478,27 @@ def test_running_scheduler_address(biopsies, serial, tmp_path):
                                   cluster=cluster.scheduler_address)
     assert summary.ok and summary.done == 1
     same_stores(tmp_path, reference, ["biopsy_001"])
+
+
+def test_plain_images_in_a_folder_are_named_and_an_empty_folder_is_said_once(sample_slide, tmp_path, caplog):
+    from PIL import Image
+
+    slides, pictures = tmp_path / "slides", tmp_path / "pictures"
+    slides.mkdir()
+    pictures.mkdir()
+    shutil.copy(sample_slide, slides / "a.svs")
+    Image.new("RGB", (32, 32)).save(slides / "photo.png")
+    Image.new("RGB", (32, 32)).save(pictures / "scan.jpg")
+    with caplog.at_level("WARNING", logger="wsi_embed.cohort.discover"):
+        entries = collect([slides, pictures])
+    assert [e.path.name for e in entries] == ["a.svs"]
+    text = caplog.text
+    assert "1 plain image file(s) left out (e.g. photo.png)" in text and "e.g. scan.jpg" in text
+    assert f"{pictures}: no slide files found" in text
+    caplog.clear()
+    (tmp_path / "empty").mkdir()
+    with caplog.at_level("WARNING", logger="wsi_embed.cohort.discover"):
+        assert collect([tmp_path / "empty"]) == []
+    assert "no slide files found" not in caplog.text  # build_jobs' error says it, once
+    with pytest.raises(SlideNotFound, match="no slides found"):
+        build_jobs([tmp_path / "empty"])

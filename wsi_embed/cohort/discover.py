@@ -49,11 +49,15 @@ def is_slide_file(path: Path) -> bool:
     return path.suffix.lower().lstrip(".") in SLIDE_EXTENSIONS
 
 
-def find_slides(directory: Path) -> list[Path]:
+PLAIN_IMAGES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def find_slides(directory: Path, images: list[Path] | None = None) -> list[Path]:
     """Slide files under ``directory``, recursively, sorted. A DICOM series (files of one
     SeriesInstanceUID, one per level: ``.dcm``, or without extension and found by their DICM
     magic) counts once, by its main file: OpenSlide finds the rest. A folder holding several
-    series gives one slide per series (ids: see :func:`dicom_slide_id`)."""
+    series gives one slide per series (ids: see :func:`dicom_slide_id`). ``images``: plain
+    pictures found on the way (PNG, JPEG, ...), which are not slides, are added to it."""
     found: list[Path] = []
     seen_dirs: set[tuple[int, int]] = set()  # (st_dev, st_ino): followed symlinks must not loop
     for root, dirs, files in os.walk(directory, followlinks=True):
@@ -68,6 +72,8 @@ def find_slides(directory: Path) -> list[Path]:
                          and not d.endswith(".zarr"))
         found.extend(sorted(Path(root, f) for f in files
                             if is_slide_file(Path(f)) and not f.lower().endswith(".dcm")))
+        if images is not None:
+            images.extend(Path(root, f) for f in files if f.lower().endswith(PLAIN_IMAGES))
         dicom_names = [f for f in files if dicom_candidate_name(f)]  # .dcm, or no/numeric extension
         if dicom_names:  # extensionless files cost a 132-byte read (DICM magic), .dcm files none
             found.extend(sorted(s.main_file for s in dicom_series(Path(root), dicom_names)))
@@ -163,12 +169,17 @@ def collect(inputs: Sequence[str | os.PathLike] = (), list_file: str | os.PathLi
                            e.annotations) for e in read_list(list_file)]
     entries: list[SlideEntry] = []
     seen: set[str] = set()
+    empty: list[Path] = []
     for entry in raw:
         if entry.path.is_dir():
-            found = find_slides(entry.path)
+            images: list[Path] = []
+            found = find_slides(entry.path, images)
+            if images:
+                log.warning("%s: %d plain image file(s) left out (e.g. %s): not whole-slide images; convert them "
+                            "to pyramidal TIFF (with their resolution, or pass --slide-mpp) to embed them",
+                            entry.path, len(images), images[0].name)
             if not found:
-                log.warning("%s: no slide files found (extensions: %s)", entry.path,
-                            ", ".join(sorted(SLIDE_EXTENSIONS)))
+                empty.append(entry.path)
             expanded = [SlideEntry(p, entry.mpp) for p in found]
         else:
             expanded = [entry]
@@ -178,6 +189,9 @@ def collect(inputs: Sequence[str | os.PathLike] = (), list_file: str | os.PathLi
                 continue
             seen.add(key)
             entries.append(e)
+    if entries:  # with nothing found at all, the caller's error says it once
+        for folder in empty:
+            log.warning("%s: no slide files found (extensions: %s)", folder, ", ".join(sorted(SLIDE_EXTENSIONS)))
     return entries
 
 
