@@ -66,3 +66,15 @@ def test_lost_root_metadata_gives_the_whole_fix(planted_cohort, tmp_path):
     fix = json.loads(done.stdout)["consistency"]["fix"]
     assert fix.startswith("it cannot be repaired automatically (its root metadata") and fix.endswith("options)")
     assert "wsi-embed embed SLIDE --out" in fix
+
+
+def test_a_group_whose_metadata_is_lost_says_so(planted_cohort, tmp_path):
+    store = tmp_path / "planted_001.zarr"
+    shutil.copytree(planted_cohort["out"] / "planted_001.zarr", store)
+    (store / "timm-test_vit" / "zarr.json").unlink()
+    text = run_cli("inspect", str(store))
+    assert text.returncode == 1 and "Traceback" not in text.stderr
+    line = next(ln for ln in text.stdout.splitlines() if ln.startswith("encoder"))
+    assert line == "encoder      timm-test_vit: its metadata cannot be read (embeddings: dim 64, float16), INCOMPLETE"
+    enc = json.loads(run_cli("inspect", str(store), "--json").stdout)["encoders"][0]
+    assert enc["metadata_readable"] is False and enc["complete"] is False and enc["dim"] == 64

@@ -29,11 +29,11 @@ def _encoder(path: Path, key: str) -> dict:
     """One group's summary; what cannot be read is None (the consistency check says why)."""
     row: dict = {"group": key, "name": None, "complete": False, "cells": None, "dim": None, "dtype": None,
                  "weights_random": None, "weights_sha256": None, "weights_source": None, "precision": None,
-                 "decoder": None, "architecture": None}
+                 "decoder": None, "architecture": None, "metadata_readable": True}
     try:
         _, attrs = _read_group(path / key)
     except Exception:  # noqa: BLE001 - damaged metadata: reported by the consistency check
-        return row
+        row["metadata_readable"], attrs = False, {}
     enc = attrs.get("encoder", {}) or {}
     row.update(name=enc.get("name"), complete=attrs.get("complete") is True, cells=attrs.get("cells"),
                dim=enc.get("dim"), dtype=enc.get("dtype"), weights_random=enc.get("weights_random"),
@@ -106,6 +106,10 @@ def inspect_lines(info: dict) -> list[str]:
         lines.append(f"tissue       {t['area_mm2']:.3f} mm², {t['cells_embedded']} cells embedded "
                      f"(min tissue {t['min_tissue']:g})")
     for e in info["encoders"]:
+        if not e["metadata_readable"]:
+            lines.append(f"encoder      {e['group']}: its metadata cannot be read (embeddings: dim {e['dim']}, "
+                         f"{e['dtype']}), INCOMPLETE")
+            continue
         weights = "RANDOM" if e["weights_random"] else (f"sha256 {e['weights_sha256']}" if e["weights_sha256"]
                                                         else e["weights_source"] or "?")
         lines.append(f"encoder      {e['name'] or e['group']}: dim {e['dim']}, {e['dtype']}, weights {weights}, "

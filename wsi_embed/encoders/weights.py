@@ -62,8 +62,8 @@ def resolve(cfg: EncoderConfig, spec: str = "auto") -> tuple[nn.Module, WeightsI
     if _is_url(spec):
         return _url(cfg, spec)
     path = Path(spec).expanduser()
-    if not path.is_file():
-        raise WeightsUnavailable(
+    if not path.is_file():  # a path mistake (exit 1), not published weights out of reach (exit 3)
+        raise InvalidOption(
             f"weights file not found: {path} (from --weights {spec}). --weights takes auto, "
             "random, an existing file or an http(s) URL."
         )
