@@ -202,9 +202,10 @@ def _refuse_in_a_starting_process() -> None:
     import multiprocessing
 
     if getattr(multiprocessing.current_process(), "_inheriting", False):
-        raise RunWideError("embed_slides() was called while a helper process was starting: call it under "
-                           "`if __name__ == \"__main__\":` in your script (wsi-embed plans slides in spawned "
-                           "processes, which import the script again)")
+        # SystemExit with a message: this helper process ends with one line, not a traceback
+        raise SystemExit("error: embed_slides() was called while a helper process was starting: call it under "
+                         "`if __name__ == \"__main__\":` in your script (wsi-embed plans slides in spawned "
+                         "processes, which import the script again)")
 
 
 def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence = ("lunit-bt-rn50",),
