@@ -33,8 +33,8 @@ from .planner import Planner, default_prepare_processes
 from .qc import qc_path_for, qc_title, render_qc, render_store_qc, write_png_atomic
 from .resume import options_conflict, Resume, plan_resume
 from .slide import ensure_intact, fingerprint, open_slide, resolve_mpp
-from .store import (StoreWriter, completed_encoders, embedded_cells, ensure_writable, read_guard,
-                    remove_stale_temporaries, store_path)
+from .store import (StoreWriter, completed_encoders, ensure_writable, read_guard, remove_stale_temporaries,
+                    store_path)
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
         if run is None and resume.error is not None:
             run = _failed_run(job, resume.error)
         elif run is None and resume.nothing_to_do:
-            run = _skipped(job, models_.names, out_dir)
+            run = _skipped(job, models_.names, out_dir, cells=resume.cells)
             _tidy_complete(out_dir, job, opts, lock)
         elif run is None:
             try:
@@ -434,11 +434,10 @@ def _failed_run(job: SlideJob, error: str) -> SlideRun:
     return run
 
 
-def _skipped(job: SlideJob, names: Sequence[str], out_dir: Path, note: str = "complete") -> SlideRun:
+def _skipped(job: SlideJob, names: Sequence[str], out_dir: Path, note: str = "complete", cells: int = 0) -> SlideRun:
     store = str(store_path(out_dir, job.slide_id)) if note == "complete" else None
     return SlideRun(job, time.perf_counter(), SlideResult(
-        str(job.path), job.slide_id, "skipped", encoders=list(names), store=store, note=note,
-        cells=embedded_cells(Path(store)) if store else 0))
+        str(job.path), job.slide_id, "skipped", encoders=list(names), store=store, note=note, cells=cells))
 
 
 def embed_slide(path: str | Path, out_dir: str | Path, models: Sequence = ("lunit-bt-rn50",),

@@ -111,7 +111,7 @@ def finish_run(out_dir: str | os.PathLike, summary, *, maps: bool = True, cluste
     except OSError as exc:
         _warn(extras, f"{out_dir / RUNS_NAME}: the run record cannot be written ({exc.strerror or exc})")
     if maps:
-        from .maps import map_path_for
+        from .maps import map_path_for, write_maps
 
         def lacks_a_map(r) -> bool:  # e.g. done just before an interrupt: the resumed run draws it
             return any(not map_path_for(out_dir, r.slide_id, enc).exists() for enc in r.encoders)
@@ -119,8 +119,6 @@ def finish_run(out_dir: str | os.PathLike, summary, *, maps: bool = True, cluste
         stores = [r.store for r in summary.results
                   if r.store and (r.status == "done" or (r.status == "skipped" and lacks_a_map(r)))]
         try:
-            from .maps import write_maps
-
             result = write_maps(stores, clusters=clusters, cohort=True)
             extras.maps = result.written
             for problem in result.problems:
@@ -205,6 +203,7 @@ def collect(out_dir: Path, *, attention: str | os.PathLike | None = None,
     runs = read_runs(out_dir)
     latest: dict[str, dict] = {}
     last_done: dict[str, dict] = {}
+    here = os.path.realpath(out_dir)
     for path in _manifests(out_dir, runs, manifests):
         try:
             rows = read_manifest(path)
@@ -213,7 +212,7 @@ def collect(out_dir: Path, *, attention: str | os.PathLike | None = None,
             continue
         for row in rows:
             sid = row.get("slide_id")
-            if not sid or _elsewhere(row.get("store"), out_dir):
+            if not sid or _elsewhere(row.get("store"), out_dir, here):
                 continue  # a manifest shared with other output folders: their slides are theirs
             if row.get("status") == "done":
                 last_done[sid] = row
@@ -261,14 +260,13 @@ def collect(out_dir: Path, *, attention: str | os.PathLike | None = None,
     return out, runs
 
 
-def _elsewhere(store: str | None, out_dir: Path) -> bool:
-    """The row's store is in another output folder, which still holds it, and this one has none of
-    that name (a folder moved or copied since keeps its rows)."""
+def _elsewhere(store: str | None, out_dir: Path, here: str) -> bool:
+    """The row's store is in another output folder (``here``: ``out_dir``'s real path), which still
+    holds it, and this one has none of that name (a folder moved or copied since keeps its rows)."""
     if not store:
         return False
     path = Path(store)
-    return (path.exists() and os.path.realpath(path.parent) != os.path.realpath(out_dir)
-            and not (out_dir / path.name).exists())
+    return (os.path.realpath(path.parent) != here and path.exists() and not (out_dir / path.name).exists())
 
 
 def _store_problem(out_dir: Path, store: str, encoders: list[str], names: set[str]) -> str | None:

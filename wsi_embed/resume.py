@@ -32,6 +32,7 @@ class Resume:
     note: str | None = None  # why complete groups are redone
     error: str | None = None  # the slide cannot be embedded into this store: fail it with this line
     rebuild: bool = False  # the whole store must be rebuilt (geometry damaged)
+    cells: int = 0  # cells the existing store holds (from its root attrs)
 
     @property
     def nothing_to_do(self) -> bool:
@@ -183,4 +184,5 @@ def plan_resume(out_dir: Path, job: SlideJob, names: Sequence[str], weights: str
                 notes.append(f"its store is damaged ({report.summary()})")
             rebuild = report.geometry_damaged
     todo = [n for n in names if n in todo]  # keep the run's order
-    return Resume(todo, "; ".join(notes) or None, rebuild=rebuild)
+    cells = int(root_attrs.get("tissue", {}).get("cells_embedded") or 0)
+    return Resume(todo, "; ".join(notes) or None, rebuild=rebuild, cells=cells)

@@ -428,15 +428,6 @@ def group_dirs(path: Path) -> list[str]:
                   and e.name not in OPTIONAL_ARRAYS)
 
 
-def embedded_cells(path: Path) -> int:
-    """The cells a complete store holds, from its root attrs (0 when they cannot be read)."""
-    try:
-        _, attrs = _read_group(Path(path))
-        return int(attrs.get("tissue", {}).get("cells_embedded") or 0)
-    except Exception:  # noqa: BLE001 - a count for the record, never a reason to fail
-        return 0
-
-
 def completed_encoders(path: Path) -> list[str]:
     """Encoder names whose groups are complete, the resume check: [] when the store is missing or
     its root metadata cannot be read; a group whose metadata or embeddings metadata cannot be read

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 from ..ids import id_problem
 from ..jobs import EmbedOptions, SlideJob, SlideResult
 from ..resume import plan_resume
-from ..store import embedded_cells, ensure_writable, store_path
+from ..store import ensure_writable, store_path
 from .manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,6 @@ def settled(job: SlideJob, out_dir: Path, names: Sequence[str], weights: str,
     if resume.error is not None:
         return failed_result(job, resume.error)
     if resume.nothing_to_do:
-        store = store_path(out_dir, job.slide_id)
         return SlideResult(str(job.path), job.slide_id, "skipped", encoders=list(names),
-                           store=str(store), note="complete", cells=embedded_cells(store))
+                           store=str(store_path(out_dir, job.slide_id)), note="complete", cells=resume.cells)
     return None
