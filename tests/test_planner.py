@@ -56,3 +56,17 @@ def test_a_script_without_a_main_guard_still_embeds_once(tmp_path, sample_slide,
     assert 'call it under `if __name__ == "__main__":`' in proc.stderr
     assert "unexpected error" not in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in (tmp_path / "out").glob("*.zarr")) == ["a.zarr", "b.zarr"]
+
+
+def test_planning_processes_run_below_the_process_that_feeds_the_encoder():
+    """They fill the gaps on a small CPU host instead of preempting the encoder's threads."""
+    import os
+
+    from wsi_embed.planner import BACKGROUND_NICE, Planner
+
+    planner = Planner(processes=1)
+    try:
+        child = planner._executor().submit(os.nice, 0).result(timeout=60)
+    finally:
+        planner.close()
+    assert child == min(19, os.nice(0) + BACKGROUND_NICE)

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .decode import CPU_PLAN, CpuFallback, DecodePlan, RawTiles, collect_raw, decode_to_device
 from .errors import WsiEmbedError
 from .grid import Grid, Region
+from .planner import BACKGROUND_NICE
 from .slide import Slide, open_slide
 from . import slots
 from .slots import Slot, SlotPool, pool_for
@@ -367,7 +368,7 @@ def make_loader(tasks: Iterator, *, workers: int, pin_memory: bool, prefetch: in
         return BurstReader(tasks, threads=threads, patches=burst)
     kwargs, pool = {}, None
     if workers > 0:
-        init = functools.partial(_worker_init, nice=10 if yield_cpu else 0)
+        init = functools.partial(_worker_init, nice=BACKGROUND_NICE if yield_cpu else 0)
         kwargs = dict(prefetch_factor=prefetch, worker_init_fn=init, persistent_workers=False)
         pool = SlotPool(2 * workers * prefetch + 8, SLOT_BYTES) if slots.usable() else None
     return DataLoader(

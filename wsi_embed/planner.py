@@ -6,6 +6,10 @@ the device; on a GPU host that thread must turn a batch around in milliseconds, 
 small biopsies needs several slides planned at once. Processes give both: no shared GIL, and one
 slide planned per process in parallel. The first slide of a run is planned in the thread, so a
 one-slide run starts no process.
+
+Planning processes run niced, like the loader's workers: on a small CPU host they fill the gaps
+instead of preempting one of the encoder's threads, whose partners then wait for it at every
+parallel step (16 slides of 12k px on 2 cores: steady rate +6-9% in three alternating pairs).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from .plan import Cancelled, SlidePlan, plan_slide
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.2  # how often a prep thread waiting on a process looks for an interrupt
+BACKGROUND_NICE = 10  # helper processes (planning, loader workers) below the process feeding the encoder
 
 
 def default_prepare_processes(device_type: str, cores: int | None = None) -> int:
@@ -42,12 +47,18 @@ def plan_slide_file(job: SlideJob, opts: EmbedOptions) -> SlidePlan:
         return plan_slide(slide, resolve_mpp(slide, job.slide_mpp), opts, job.slide_id, job=job)
 
 
-def _leave_interrupts_to_the_parent() -> None:
+def _init_planning_process() -> None:
     """Ctrl-C reaches the whole process group: the run stops in the parent, which shuts the pool
-    down; a planning process would only print a traceback of its own."""
+    down; a planning process would only print a traceback of its own. It also runs niced (see the
+    module doc)."""
+    import os
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.nice(BACKGROUND_NICE)
+    except OSError:  # a priority limit: plan at the parent's priority
+        pass
 
 
 class Planner:
@@ -69,7 +80,7 @@ class Planner:
                     return None
                 # spawn: the parent holds threads (zarr's I/O loop, torch) that fork would copy mid-state
                 self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_leave_interrupts_to_the_parent)
+                                                 initializer=_init_planning_process)
             return self._pool
 
     def plan(self, slide, mpp, job: SlideJob, opts: EmbedOptions, cancel: threading.Event) -> SlidePlan:
