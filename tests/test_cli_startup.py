@@ -102,3 +102,16 @@ def test_models_table_sees_timm_weights_in_torch_hub_cache(empty_caches):
     path.parent.mkdir(parents=True)
     path.write_bytes(b"x")
     assert cached("imagenet-vits16") is True
+
+
+def test_help_sentences_are_not_cut_by_the_docstrings_line_breaks():
+    """Typer keeps a docstring's hard breaks; at a wide terminal each paragraph must be one line."""
+    from typer.testing import CliRunner
+
+    from wsi_embed.cli import app
+
+    listing = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    info_row = next(line for line in listing.splitlines() if " info " in line)
+    assert "vendor and objective power" in info_row, listing
+    embed = CliRunner().invoke(app, ["embed", "--help"], env={"COLUMNS": "200"}).output
+    assert any("manifest row per slide goes to <out>/manifest.csv" in line for line in embed.splitlines()), embed

@@ -529,6 +529,19 @@ def report(
     typer.echo(f"report: {extras.report}")
 
 
+def _help_from_docstrings(typer_app: typer.Typer) -> None:
+    """Each command's docstring as its help, every paragraph on one line: Typer keeps a docstring's
+    hard line breaks, which cut sentences in two at any terminal width."""
+    import inspect as _inspect
+
+    for command in typer_app.registered_commands:
+        paragraphs = [" ".join(p.split()) for p in _inspect.cleandoc(command.callback.__doc__ or "").split("\n\n")]
+        command.help, command.short_help = "\n\n".join(paragraphs), paragraphs[0]
+
+
+_help_from_docstrings(app)
+
+
 def _terminated(signum, frame) -> None:
     # SLURM time limits, scancel and preemption send SIGTERM: unwind like Ctrl-C so slide locks are
     # released and temporaries removed (a lock left by another host would block a rerun for a while).
