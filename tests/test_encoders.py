@@ -363,3 +363,24 @@ def test_models_table(standins, monkeypatch, tmp_path):
     for r in rows.values():
         assert {"architecture", "dim", "input_size", "mean", "std", "pooling", "weights_url",
                 "weights_file", "licence", "cached"} <= set(r)
+
+
+def test_missing_weights_leave_no_output_folders_behind(tmp_path, sample_slide, monkeypatch):
+    """A run that stops before any slide (exit 3) removes the folders it made for --out, parents too."""
+    from tests.conftest import run_cli
+    from wsi_embed import embed_slide
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(WeightsUnavailable):
+        embed_slide(sample_slide, tmp_path / "lib" / "out", models=["lunit-dino-vits8"])
+    assert not (tmp_path / "lib").exists()
+    proc = run_cli("embed", str(sample_slide), "--out", str(tmp_path / "cli" / "out"), "--model", "lunit-dino-vits8",
+                   env={"TORCH_HOME": str(tmp_path / "empty-cache")}, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr and "lunit-dino-vits8" in proc.stderr
+    assert not (tmp_path / "cli").exists()
+    kept = tmp_path / "existing"
+    kept.mkdir()
+    assert run_cli("embed", str(sample_slide), "--out", str(kept), "--model", "lunit-dino-vits8",
+                   env={"TORCH_HOME": str(tmp_path / "empty-cache")}, timeout=300).returncode == 3
+    assert kept.is_dir()  # a folder the user made stays

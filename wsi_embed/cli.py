@@ -191,7 +191,9 @@ def embed(
     from .slide import check_slide_mpp
     from .tissue import TissueParams
 
-    created_out = not out.exists()
+    from .store import folders_to_make, remove_if_empty
+
+    made = folders_to_make(out)
     try:
         options = EmbedOptions(
             grid=GridSpec(mpp=mpp, patch_px=patch_size, stride_px=stride), min_tissue=min_tissue,
@@ -248,8 +250,7 @@ def embed(
         finally:
             progress.close()
     except WsiEmbedError as exc:
-        if created_out:  # a run that stopped before any slide leaves no empty --out behind
-            _remove_if_empty(out)
+        remove_if_empty(made)  # a run that stopped before any slide leaves no empty --out behind
         _fail(str(exc), EXIT_WEIGHTS_UNAVAILABLE if isinstance(exc, WeightsUnavailable) else EXIT_FAILED)
     from .report import finish_run
 
@@ -259,13 +260,6 @@ def embed(
     typer.echo(f"summary: {summary.line()}; manifest {summary.manifest}")
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
-
-
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:  # not empty, or not there: leave it
-        pass
 
 
 def _result_lines(result) -> list[str]:

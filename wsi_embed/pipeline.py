@@ -33,8 +33,8 @@ from .planner import Planner, default_prepare_processes
 from .qc import qc_path_for, qc_title, render_qc, render_store_qc, write_png_atomic
 from .resume import options_conflict, Resume, plan_resume
 from .slide import ensure_intact, fingerprint, open_slide, resolve_mpp
-from .store import (StoreWriter, completed_encoders, ensure_writable, read_guard, remove_stale_temporaries,
-                    store_path)
+from .store import (StoreWriter, completed_encoders, ensure_writable, folders_to_make, read_guard, remove_if_empty,
+                    remove_stale_temporaries, store_path)
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +223,13 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
     while it is embedded; a slide another live process holds is ``skipped`` with a note.
     """
     _refuse_in_a_starting_process()
-    out_dir = ensure_writable(Path(out_dir))
     opts = options
     device = select_device(opts.device)
     precision = select_precision(opts.precision, device)
     decode_plan = resolve_decode(opts.decode, device)
     models_ = _Models(models, weights, device, precision, opts.compile)
+    made = folders_to_make(out_dir)  # removed again if the run stops before writing anything
+    out_dir = ensure_writable(Path(out_dir))
     runs: dict[int, SlideRun] = {}
     cancel = threading.Event()  # set when the run unwinds: a slide being prepared stops soon after
     held: list = []  # every lock taken, so an interrupt at any point releases it (release is idempotent)
@@ -368,6 +369,9 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                     done = executor.add(run, item.region, patches)
             yield from _finished(done, runs)
         yield from _finished(executor.close(), runs)
+    except RunWideError:  # e.g. the weights are missing: nothing was written
+        remove_if_empty(made)
+        raise
     finally:
         stats.total_s = time.perf_counter() - started
         stats.device_s = executor.clock.seconds()

@@ -82,6 +82,22 @@ def store_slide_id(store: str | os.PathLike) -> str:
     return Path(store).name.removesuffix(".zarr")
 
 
+def folders_to_make(path: str | os.PathLike) -> list[Path]:
+    """The folders that creating ``path`` would make, deepest first (see :func:`remove_if_empty`)."""
+    path = Path(path).absolute()
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: a run that stopped before writing
+    anything leaves no empty --out behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): it and its parents stay
+            return
+
+
 def ensure_writable(out_dir: Path) -> Path:
     """Create ``out_dir`` and prove a file can be written there, before any work is done."""
     out_dir = Path(out_dir)
