@@ -311,3 +311,17 @@ def test_a_store_with_lost_embedding_chunks_is_skipped_like_the_others(planted_c
     hits = search(index, slide="planted_005", top_k=len(kept) - 1)["hits"]
     assert "planted_003" not in {h["slide_id"] for h in hits} and len(hits) == len(kept) - 1
     assert full.table.shape[0] > index.table.shape[0]
+
+
+def test_a_query_image_under_half_a_patch_is_searched_with_a_warning(indexed, tmp_path, caplog):
+    from PIL import Image
+
+    index = open_index(indexed["index"])
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (10, 10), (200, 120, 160)).save(tiny)
+    with caplog.at_level("WARNING"):
+        result = search(index, image=tiny, top_k=3)
+    assert len(result["hits"]) == 3
+    said = [r.getMessage() for r in caplog.records if "under half a patch" in r.getMessage()]
+    patch_px = index.manifest["grid"]["patch_px"]
+    assert len(said) == 1 and f"10 x 10 px" in said[0] and f"crop a {patch_px} px patch at 0.5 µm/px" in said[0], said

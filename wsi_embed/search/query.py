@@ -169,6 +169,12 @@ def embed_image(index: SearchIndex, pixels: np.ndarray, *, weights: str | None =
     if max(h, w) > 1.15 * min(h, w):
         log.warning("%s: the image is %d x %d px, not square; it is stretched to a %d px patch",
                     index.path, w, h, patch_px)
+    if min(h, w) < patch_px / 2:
+        mpp = index.manifest["grid"].get("target_mpp")
+        log.warning("%s: the image is %d x %d px, under half a patch; it is enlarged %.0fx to %d px, so its hits "
+                    "follow that blur more than its tissue: crop a %d px patch%s instead",
+                    index.path, w, h, patch_px / min(h, w), patch_px, patch_px,
+                    f" at {mpp:g} µm/px" if mpp else "")
     x = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True))[None]  # torch wants it writable
     if (h, w) != (patch_px, patch_px):
         x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(patch_px, patch_px), mode="bilinear",
