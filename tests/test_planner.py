@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from wsi_embed import EmbedOptions, open_store
 from wsi_embed.cohort import embed_cohort, plan_cohort
@@ -70,3 +72,43 @@ def test_planning_processes_run_below_the_process_that_feeds_the_encoder():
     finally:
         planner.close()
     assert child == min(19, os.nice(0) + BACKGROUND_NICE)
+
+
+def test_planning_processes_end_when_the_run_is_killed(tmp_path):
+    """kill -9 never shuts the pool down; the planning process must not wait for work for ever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from wsi_embed.planner import Planner\n"
+        "if __name__ == '__main__':\n"
+        "    planner = Planner(processes=1)\n"
+        "    print(planner._executor().submit(os.getpid).result(timeout=60), flush=True)\n"
+        "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        child = int(proc.stdout.readline())
+        os.kill(child, 0)  # alive while the run is
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.2)
+        assert not _alive(child), "the planning process outlived the killed run"
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for init to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
