@@ -40,8 +40,14 @@ def test_overwrite_replaces_only_the_requested_group(sample_slide, tmp_path):
 
 def test_precision_and_weights_are_recorded(sample_slide, tmp_path):
     result = embed_slide(sample_slide, tmp_path, ["timm:test_vit"], "random", FAST)
-    enc = open_store(result.store).encoder_attrs()
+    store = open_store(result.store)
+    enc = store.encoder_attrs()
     assert enc["precision"] == "fp32" and enc["dtype"] == "float16" and enc["weights_random"] is True
+    # the group name in the store names its model too (it used to be reported as damaged)
+    assert store.encoder_attrs("timm-test_vit") == enc
+    assert np.array_equal(store.embeddings("timm-test_vit")[:], store.embeddings("timm:test_vit")[:], equal_nan=True)
+    with pytest.raises(Exception, match="missing or incomplete"):
+        store.embeddings("timm-other")
 
 
 def test_backends_agree_at_inexact_downsamples(tmp_path, sample_slide):

@@ -530,6 +530,8 @@ class EmbeddingStore:
                     "name one"
                     if done else f"{self.path}: no complete encoder group; rerun wsi-embed embed")
             encoder = done[0]
+        if encoder not in done:  # the group name in the store (timm-test_vit) names its model too
+            encoder = {group_name(name): name for name in done}.get(encoder, encoder)
         node = group_name(encoder)
         if encoder not in done:
             gpath = self.path / node
