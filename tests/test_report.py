@@ -192,6 +192,11 @@ def test_a_done_slide_whose_store_is_damaged_or_gone_is_listed_as_failed(sample_
     proc = run_cli("embed", str(slides), "--out", str(out), "--model", "timm:test_vit", "--weights", "random",
                    "--workers", "0", "--mpp", "2")
     assert proc.returncode == 0, proc.stderr
+    copy = tmp_path / "copy"  # a backup copy whose store is lost, while the original still has it
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "c.zarr")
+    rows = {r.slide_id: r for r in collect(copy)[0]}
+    assert rows["c"].status == "failed" and "gone" in rows["c"].error and str(copy) in rows["c"].error
     (out / "b.zarr" / "zarr.json").unlink()
     shutil.rmtree(out / "c.zarr")
     rows = {r.slide_id: r for r in collect(out)[0]}

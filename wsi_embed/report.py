@@ -205,6 +205,7 @@ def collect(out_dir: Path, *, attention: str | os.PathLike | None = None,
     last_done: dict[str, dict] = {}
     here = os.path.realpath(out_dir)
     for path in _manifests(out_dir, runs, manifests):
+        own = os.path.realpath(path.parent) == here  # this folder's manifest: its rows are this folder's
         try:
             rows = read_manifest(path)
         except (OSError, ValueError) as exc:
@@ -212,7 +213,7 @@ def collect(out_dir: Path, *, attention: str | os.PathLike | None = None,
             continue
         for row in rows:
             sid = row.get("slide_id")
-            if not sid or _elsewhere(row.get("store"), out_dir, here):
+            if not sid or (not own and _elsewhere(row.get("store"), out_dir, here)):
                 continue  # a manifest shared with other output folders: their slides are theirs
             if row.get("status") == "done":
                 last_done[sid] = row
@@ -261,8 +262,8 @@ def collect(out_dir: Path, *, attention: str | os.PathLike | None = None,
 
 
 def _elsewhere(store: str | None, out_dir: Path, here: str) -> bool:
-    """The row's store is in another output folder (``here``: ``out_dir``'s real path), which still
-    holds it, and this one has none of that name (a folder moved or copied since keeps its rows)."""
+    """The row (of a manifest outside ``out_dir``) names a store in another output folder (``here``:
+    ``out_dir``'s real path), which still holds it, and this one has none of that name."""
     if not store:
         return False
     path = Path(store)
