@@ -215,3 +215,25 @@ def test_verify_of_a_wrong_path_is_one_line(tmp_path):
     proc = run_cli("verify", str(tmp_path / "nowhere"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such file or directory; give an output folder or a store"
+
+
+def test_a_whole_optional_array_deleted_is_damage_and_repair_restores_it(reference, tmp_path):
+    """Ink arrays and artefact measures that the tissue attrs say were written must be there: a store
+    that lost one is damaged (it used to verify ok), and the rebuild brings it back."""
+    from wsi_embed.verify import repair_store
+
+    store = tmp_path / "out" / reference.name
+    shutil.copytree(reference, store)
+    for name in ("ink_mask", "grey_std"):
+        shutil.rmtree(store / name)
+    report = verify_store(store)
+    assert report.geometry_damaged
+    said = " ".join(p.what for p in report.problems)
+    assert said.count("missing (the store's tissue attrs say it was written)") == 2, said
+    assert {p.node for p in report.problems} >= {"ink_mask", "grey_std"}
+    assert repair_store(store).error is None
+    assert verify_store(store).ok
+    ref = zarr.open_group(reference, mode="r")
+    again = zarr.open_group(store, mode="r")
+    for name in ("ink_mask", "grey_std"):
+        np.testing.assert_allclose(again[name][...], ref[name][...], rtol=1e-3, atol=1e-3)

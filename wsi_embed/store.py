@@ -45,6 +45,14 @@ GEOMETRY_ARRAYS = ("mask", "tissue_fraction", "coords", "thumbnail", "tissue_mas
 # Optional geometry arrays (stores from before them lack them): the ink mask (thumbnail px), per-cell
 # ink fraction, annotation label (int16, -1 none) and artefact measures (see wsi_embed.artefacts).
 OPTIONAL_ARRAYS = ("ink_mask", "ink_fraction", "annotation", "grey_std", "laplacian_var")
+
+
+def expected_optional_arrays(tissue: dict) -> list[str]:
+    """The optional arrays a store's ``tissue`` attrs say it holds: ink (``ink_mm2``, written with
+    them), annotation labels (``annotations``), artefact measures (``artefacts``)."""
+    names = ["ink_mask", "ink_fraction"] if "ink_mm2" in tissue else []
+    names += ["annotation"] if tissue.get("annotations") else []
+    return names + (["grey_std", "laplacian_var"] if "artefacts" in tissue else [])
 # Geometry arrays are stored in few chunks, whatever the region block: each array is one chunk
 # while it is at most this many bytes (a 100k x 100k slide's grid at 224 px and 0.5 µm/px is
 # 446 x 446 cells: 3 MB of coords), larger ones in square chunks of a power-of-two side that fit

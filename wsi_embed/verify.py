@@ -30,8 +30,9 @@ import numpy as np
 import zarr
 
 from .errors import WsiEmbedError
-from .store import (GEOMETRY_ARRAYS, OPTIONAL_ARRAYS, _read_array, _read_group, _remove, damage_reason, group_dirs,
-                    has_checksums, is_temporary, repair_backup_path, repair_hint, settle_zarr_reads, store_slide_id)
+from .store import (GEOMETRY_ARRAYS, OPTIONAL_ARRAYS, _read_array, _read_group, _remove, damage_reason,
+                    expected_optional_arrays, group_dirs, has_checksums, is_temporary, repair_backup_path,
+                    repair_hint, settle_zarr_reads, store_slide_id)
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +214,15 @@ class _Geometry:
         self._optional()
 
     def _optional(self) -> None:
-        """Optional arrays (ink, annotation labels, artefact measures; older stores lack them): their
-        chunks decode and their shapes are the grid's (ink_mask: the tissue mask's)."""
+        """Optional arrays (ink, annotation labels, artefact measures; older stores lack them): those
+        the tissue attrs say were written are there, their chunks decode and their shapes are the
+        grid's (ink_mask: the tissue mask's)."""
+        tissue = self.attrs.get("tissue") or {}
+        expected = expected_optional_arrays(tissue)
         for name in OPTIONAL_ARRAYS:
             if not (self.path / name).exists():
+                if name in expected:
+                    self.problem(name, "missing (the store's tissue attrs say it was written)")
                 continue
             try:
                 array = _read_array(self.path / name)
