@@ -16,7 +16,7 @@ from .errors import WeightsUnavailable, WsiEmbedError
 
 EXIT_FAILED, EXIT_WEIGHTS_UNAVAILABLE = 1, 3
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Whole-slide images in, per-slide embedding grids (Zarr v3) out.")
 
 RANDOM_BANNER = """\
