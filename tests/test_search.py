@@ -325,3 +325,22 @@ def test_a_query_image_under_half_a_patch_is_searched_with_a_warning(indexed, tm
     said = [r.getMessage() for r in caplog.records if "under half a patch" in r.getMessage()]
     patch_px = index.manifest["grid"]["patch_px"]
     assert len(said) == 1 and f"10 x 10 px" in said[0] and f"crop a {patch_px} px patch at 0.5 µm/px" in said[0], said
+
+
+def test_index_of_stores_without_embedded_cells_says_so(sample_slide, tmp_path):
+    """The stores are complete but hold no cell (an empty tissue mask): the error says that, not
+    that the encoder group is missing."""
+    from PIL import Image
+
+    from wsi_embed import EmbedOptions, embed_slide
+    from wsi_embed.errors import EncoderMismatch
+
+    empty = tmp_path / "empty.png"
+    Image.new("L", (222, 297), 0).save(empty)  # the slide's aspect ratio, no tissue
+    out = tmp_path / "out"
+    result = embed_slide(sample_slide, out, ["timm:test_vit"], "random",
+                         EmbedOptions(workers=0, tissue_mask=str(empty), qc=False))
+    assert result.status == "done" and result.cells == 0
+    with pytest.raises(EncoderMismatch, match=r"none of its 1 stores can be indexed for 'timm:test_vit': "
+                                              r"CMU-1-Small-Region.zarr \(no embedded cells\)"):
+        build_index(out, "timm:test_vit")

@@ -110,6 +110,15 @@ def _find_members(out_dir: Path, encoder: str) -> tuple[list[_Member], list[dict
     return members, skipped
 
 
+def _nothing_to_index(out_dir: Path, encoder: str, skipped: list[dict]) -> str:
+    if all(s["reason"] == f"no complete {encoder} group" for s in skipped):
+        return (f"{out_dir}: none of its {len(skipped)} stores has a complete {encoder!r} group; "
+                f"embed with wsi-embed embed --model {encoder}, or name an encoder the stores hold")
+    shown = "; ".join(f"{s['store']} ({s['reason']})" for s in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return f"{out_dir}: none of its {len(skipped)} stores can be indexed for {encoder!r}: {shown}{more}"
+
+
 def _agreeing(members: list[_Member], skipped: list[dict]) -> list[_Member]:
     """The stores made with the weights and grid most stores share; the others are skipped (one
     index mixes neither weights nor resolutions)."""
@@ -143,8 +152,7 @@ def build_index(out_dir: str | os.PathLike, encoder: str, *, exact_max: int = EX
     members, skipped = _find_members(out_dir, encoder)
     members = _agreeing(members, skipped)
     if not members:
-        raise EncoderMismatch(f"{out_dir}: none of its {len(skipped)} stores has a complete {encoder!r} group; "
-                              f"embed with wsi-embed embed --model {encoder}, or name an encoder the stores hold")
+        raise EncoderMismatch(_nothing_to_index(out_dir, encoder, skipped))
     if skipped:
         log.warning("%s: %d store(s) skipped: %s", out_dir, len(skipped),
                     "; ".join(f"{s['store']} ({s['reason']})" for s in skipped))
