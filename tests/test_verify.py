@@ -217,6 +217,29 @@ def test_verify_of_a_wrong_path_is_one_line(tmp_path):
     assert proc.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such file or directory; give an output folder or a store"
 
 
+def test_a_file_or_a_path_inside_a_store_is_refused_in_one_line_and_the_store_is_left_alone(
+        reference, sample_slide, tmp_path):
+    """verify of a slide file printed a traceback; verify/inspect of a store's array called a healthy
+    store damaged and advised `embed --out STORE --overwrite`, which wrote a run into the store."""
+    out = tmp_path / "out"
+    store = out / reference.name
+    shutil.copytree(reference, store)
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
+    proc = run_cli("verify", str(sample_slide))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: {sample_slide}: not a folder; give an output folder of wsi-embed embed " \
+                                  "or a <slide_id>.zarr store"
+    for command in ("verify", "inspect"):
+        proc = run_cli(command, str(store / "mask"))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().startswith(f"error: {store / 'mask'}: inside the store {store}, not a store itself")
+    for target in (store, store / "sub"):
+        proc = run_cli("embed", str(sample_slide), "--out", str(target), "--model", "timm:test_vit", "--weights", "random")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr and "RANDOM WEIGHTS" not in proc.stderr
+        assert proc.stderr.strip().endswith(f"--out takes the folder that holds the stores (here {out})"), proc.stderr
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == before and verify_store(store).ok
+
+
 def test_a_whole_optional_array_deleted_is_damage_and_repair_restores_it(reference, tmp_path):
     """Ink arrays and artefact measures that the tissue attrs say were written must be there: a store
     that lost one is damaged (it used to verify ok), and the rebuild brings it back."""

@@ -191,7 +191,7 @@ def embed(
     from .slide import check_slide_mpp
     from .tissue import TissueParams
 
-    from .store import folders_to_make, remove_if_empty
+    from .store import check_out_dir, folders_to_make, remove_if_empty
 
     made = folders_to_make(out)
     try:
@@ -211,6 +211,7 @@ def embed(
         if not models_:
             _fail(f"--model {model!r} names no model; see `wsi-embed models`")
         check_models(models_)
+        check_out_dir(out)
         if slide_mpp is not None:
             check_slide_mpp(slide_mpp)
         if not slides and slide_list is None:

@@ -90,6 +90,16 @@ def store_slide_id(store: str | os.PathLike) -> str:
     return Path(store).name.removesuffix(".zarr")
 
 
+def enclosing_store(path: str | os.PathLike) -> Path | None:
+    """The store (a ``*.zarr`` folder with its ``zarr.json``) that ``path`` is, or lies inside; None
+    when there is none."""
+    path = Path(path).absolute()
+    for p in (path, *path.parents):
+        if p.name.endswith(".zarr") and (p / "zarr.json").is_file():
+            return p
+    return None
+
+
 def folders_to_make(path: str | os.PathLike) -> list[Path]:
     """The folders that creating ``path`` would make, deepest first (see :func:`remove_if_empty`)."""
     path = Path(path).absolute()
@@ -106,9 +116,20 @@ def remove_if_empty(folders: list[Path]) -> None:
             return
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Refuse a store, or a folder inside one, as an output folder: a run written there would damage it."""
+    out_dir = Path(out_dir)
+    store = enclosing_store(out_dir)
+    if store is not None:
+        where = "is a store" if store == out_dir.absolute() else f"is inside the store {store}"
+        raise OutputNotWritable(f"{out_dir}: {where}; --out takes the folder that holds the stores "
+                                f"(here {store.parent})")
+    return out_dir
+
+
 def ensure_writable(out_dir: Path) -> Path:
     """Create ``out_dir`` and prove a file can be written there, before any work is done."""
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-probe-{uuid.uuid4().hex}"
