@@ -62,6 +62,28 @@ def bad_run(tmp_path_factory, sample_slide) -> dict:
         corrupt[offsets[i] + 2 : offsets[i] + counts[i]] = rng.integers(0, 256, counts[i] - 2, dtype=np.uint8).tobytes()
     paths["corrupt"] = root / "corrupt.svs"
     paths["corrupt"].write_bytes(bytes(corrupt))
+    # a lossless (LZW) pyramid: its thumbnail level intact, level-0 tiles under the tissue garbage
+    rgb = tifffile.TiffFile(sample_slide).pages[0].asarray()
+    lzw = root / "lossless.tif"
+    with tifffile.TiffWriter(lzw) as tif:
+        tif.write(rgb, tile=(256, 256), compression="lzw", subifds=1, resolution=(1e4 / 0.499, 1e4 / 0.499),
+                  resolutionunit="CENTIMETER")
+        tif.write(rgb[::4, ::4].copy(), tile=(256, 256), compression="lzw", subfiletype=1)
+    with tifffile.TiffFile(lzw) as tf:
+        offsets, counts = tf.pages[0].dataoffsets, tf.pages[0].databytecounts
+    corrupt = bytearray(lzw.read_bytes())
+    i = 7 * 9 + 2  # one tile (row 7, col 2 of 9) under tissue, away from what is read before the cells
+    corrupt[offsets[i] + 10 : offsets[i] + counts[i]] = bytes((b * 31 + 7) & 255 for b in
+                                                              corrupt[offsets[i] + 10 : offsets[i] + counts[i]])
+    paths["corrupt_lzw"] = root / "corrupt-lossless.tif"
+    paths["corrupt_lzw"].write_bytes(bytes(corrupt))
+    # a header that claims far more pixels than its tile table holds (readers fill the rest with black)
+    paths["forged"] = root / "forged.tif"
+    shutil.copy(lzw, paths["forged"])
+    with tifffile.TiffFile(paths["forged"], mode="r+") as tf:
+        tf.pages[0].tags["ImageWidth"].overwrite(200_000)
+        tf.pages[0].tags["ImageLength"].overwrite(150_000)
+    lzw.unlink()
     paths["no_mpp"] = make_slide(root / "nompp.tif", width=1600, height=1200, write_mpp=False)
     paths["good"] = root / "good.svs"
     shutil.copy(sample_slide, paths["good"])
@@ -98,7 +120,18 @@ def test_truncated_slide(bad_run, cut):
 
 def test_corrupt_tiles(bad_run):
     """Headers intact, JPEG tile data garbage: the failure comes while reading pixels, mid-run."""
-    assert_slide_failed_cleanly(bad_run, "corrupt", "corrupt")
+    assert_slide_failed_cleanly(bad_run, "corrupt", "cannot decode pixels at level 0", "re-copy or re-export it")
+
+
+def test_corrupt_lossless_tiles(bad_run):
+    """The codec's own error (IMCD_LZW_CORRUPT) comes with what it means and what to do."""
+    assert_slide_failed_cleanly(bad_run, "corrupt_lzw", "cannot decode pixels at level 0", "re-copy or re-export it")
+
+
+def test_forged_header_fails_up_front(bad_run):
+    """It used to be embedded for minutes into a 'done' store of black."""
+    assert_slide_failed_cleanly(bad_run, "forged", "claims 200000 x 150000 px, which needs 458252 tiles",
+                                "re-copy or re-export it")
 
 
 def test_slide_without_mpp(bad_run, out_dir, tmp_path):
@@ -124,7 +157,7 @@ def test_one_bad_slide_does_not_stop_the_others(bad_run):
     proc, out, paths = bad_run["proc"], bad_run["out"], bad_run["paths"]
     assert proc.returncode == 1
     assert (out / "good.zarr").is_dir()
-    assert "summary: 7 slides: 1 done, 0 skipped, 6 failed" in proc.stdout, proc.stdout
+    assert "summary: 9 slides: 1 done, 0 skipped, 8 failed" in proc.stdout, proc.stdout
     bad = [p for kind, p in paths.items() if kind != "good"]
     lines = error_lines(proc.stderr)
     assert len(lines) == len(bad), proc.stderr  # one line per bad slide, none for the good one

@@ -473,10 +473,27 @@ def tiff_damage(path: Path) -> str | None:
     if damage:
         return damage
     for ifd in ifds:
-        damage = _table_damage(path, ifd, size)
+        damage = _table_short(ifd) or _table_damage(path, ifd, size)
         if damage:
             return damage
     return None
+
+
+def _table_short(ifd: "_Ifd") -> str | None:
+    """A tile (or strip) table with fewer entries than the image size needs: a damaged or forged
+    header, whose missing tiles a reader would silently fill with black."""
+    if not ifd.offsets or not ifd.width or not ifd.height:
+        return None
+    if ifd.tile_width and ifd.tile_height:
+        need = -(-ifd.width // ifd.tile_width) * -(-ifd.height // ifd.tile_height)
+        unit = f"tiles of {ifd.tile_width} x {ifd.tile_height} px"
+    else:
+        need = -(-ifd.height // min(ifd.rows_per_strip or ifd.height, ifd.height))
+        unit = "strips"
+    if ifd.offsets.count >= need:
+        return None
+    return (f"{ifd.name} claims {ifd.width} x {ifd.height} px, which needs {need} {unit}, but its table holds "
+            f"{ifd.offsets.count}")
 
 
 # -- TIFF structure, read by hand and bounded ---------------------------------------------------

@@ -30,6 +30,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .errors import UnreadableSlide
+
 log = logging.getLogger(__name__)
 
 BACKGROUND = 255
@@ -210,7 +212,14 @@ class TileSource:
         key = (id(lv), ty, tx)
         if key not in cache:
             data = self._raw(lv, ty, tx)
-            cache[key] = None if data is None else lv.decode(data, ty * lv.offsets.shape[1] + tx)
+            try:
+                cache[key] = None if data is None else lv.decode(data, ty * lv.offsets.shape[1] + tx)
+            except Exception as exc:  # codecs raise assorted errors on damaged data
+                level = next(i for i, other in enumerate(self.levels) if other is lv)
+                raise UnreadableSlide(
+                    f"{self.path}: cannot decode pixels at level {level}, tile ({tx}, {ty}) "
+                    f"({type(exc).__name__}: {exc}); the file is probably truncated or corrupt: re-copy or re-export it"
+                ) from exc
         return cache[key]
 
     def read_into(self, level: int, x: int, y: int, out: np.ndarray, cache: dict | None = None) -> np.ndarray:
