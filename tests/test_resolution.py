@@ -64,6 +64,19 @@ def test_finer_than_0_05_um_is_refused_unless_overridden(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_pixels_that_are_not_square_are_refused_unless_overridden(tmp_path, backend):
+    """0.499 across, 0.998 down: averaged, the cells were 112 µm wide and 150 µm tall, silently."""
+    path = _tiff(tmp_path / "aniso.tif", resolution=(1e4 / 0.499, 1e4 / 0.998), resolutionunit="CENTIMETER")
+    with open_slide(path, backend=backend) as s:
+        with pytest.raises(SlideOutOfLimits, match=r"its pixels are not square \(0.499 µm/px across, 0.998 down\)"):
+            resolve_mpp(s)
+        assert resolve_mpp(s, 0.5).mpp == 0.5
+    near = _tiff(tmp_path / "near.tif", resolution=(1e4 / 0.2527, 1e4 / 0.2531), resolutionunit="CENTIMETER")
+    with open_slide(near, backend=backend) as s:  # a real scanner's two axes
+        assert resolve_mpp(s).mpp == pytest.approx(0.2529)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_slide_mpp_overrides_the_file(tmp_path, backend):
     path = _tiff(tmp_path / "scan.tif", resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
     with open_slide(path, backend=backend) as s:

@@ -32,6 +32,7 @@ BACKGROUND = 255
 # (72 dpi = 352.8 µm/px, 96 dpi = 264.6 µm/px), not a scan: it counts as no resolution. Below MPP_MIN
 # (past any optical microscope) the file is refused. --slide-mpp must lie in the same range.
 MPP_MIN, MPP_MAX = 0.05, 100.0
+MAX_PIXEL_ASPECT = 1.02  # x/y µm/px of real scanners agree to well under 1%
 # A tile (or strip) is decoded whole for any read that touches it: larger ones are refused at open.
 MAX_TILE_PX = 16384
 # A tile/strip offset table this long is a damaged or crafted header (a 10^6 x 10^6 px claim with
@@ -129,15 +130,19 @@ class Slide:
         return None, ignored
 
     def _reader_mpp(self) -> float | None:
+        values = [v for v in self.reader_mpp_xy() if v is not None]
+        return sum(values) / len(values) if values else None
+
+    def reader_mpp_xy(self) -> tuple[float | None, float | None]:
+        """(x, y) µm/px as the reader reports them; None for an axis it does not state."""
         values = []
         for axis in ("x", "y"):
             try:
                 v = float(self._prop(f"mpp-{axis}"))
             except (TypeError, ValueError):
-                continue
-            if math.isfinite(v) and v > 0:
-                values.append(v)
-        return sum(values) / len(values) if values else None
+                v = None
+            values.append(v if v is not None and math.isfinite(v) and v > 0 else None)
+        return values[0], values[1]
 
     def _ome_mpp(self) -> float | None:
         return ome_mpp(self._handle.properties.get("tiff.ImageDescription"))
@@ -758,6 +763,12 @@ def resolve_mpp(slide: Slide, override: float | None = None) -> MppInfo:
             raise SlideOutOfLimits(
                 f"{slide.path}: the file says {mpp:.4g} µm/px, finer than any microscope scan "
                 f"(limit {MPP_MIN}); if the metadata is wrong, pass the real resolution with --slide-mpp")
+        x, y = slide.reader_mpp_xy()
+        if x is not None and y is not None and max(x, y) > MAX_PIXEL_ASPECT * min(x, y):
+            raise SlideOutOfLimits(
+                f"{slide.path}: its pixels are not square ({x:.4g} µm/px across, {y:.4g} down), so square patches "
+                "would not be square in µm; if the metadata is wrong, pass the real resolution with --slide-mpp, "
+                "else resample the slide to square pixels")
         return MppInfo(mpp, "metadata")
     power = slide.objective_power
     if power is not None and MPP_MIN <= 10.0 / power <= MPP_MAX:
