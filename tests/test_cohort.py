@@ -147,6 +147,10 @@ def test_list_files_csv_and_txt(cohort, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SlideNotFound, match="no slides found"):
         build_jobs([tmp_path / "empty"])
+    (tmp_path / "scan.svs").mkdir()  # e.g. a copy tool that made a folder of the slide's name
+    with pytest.raises(SlideNotFound, match="scan.svs: a folder named like a slide file, holding none; give the slide "
+                                            "file itself"):
+        build_jobs([tmp_path / "scan.svs"])
 
 
 def test_explicit_ids_from_the_list_must_be_unique(tmp_path):

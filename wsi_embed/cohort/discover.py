@@ -333,6 +333,9 @@ def build_jobs(inputs: Sequence[str | os.PathLike] = (), list_file: str | os.Pat
     entries = collect(inputs, list_file, slide_mpp)
     if not entries:
         where = ", ".join([str(p) for p in inputs] + ([f"--list {list_file}"] if list_file else []))
+        named_like_slides = [str(p) for p in inputs if Path(p).is_dir() and is_slide_file(Path(p))]
+        hint = (f"; {', '.join(named_like_slides)}: a folder named like a slide file, holding none; give the slide "
+                "file itself" if named_like_slides else "")
         raise SlideNotFound(f"no slides found in {where or 'the inputs'}; "
-                            f"looked for: {', '.join(sorted(SLIDE_EXTENSIONS))}")
+                            f"looked for: {', '.join(sorted(SLIDE_EXTENSIONS))}{hint}")
     return assign_ids(entries, out_dir)
