@@ -400,7 +400,7 @@ def _row_html(r: Row) -> str:
     secs = "" if r.seconds is None else f"{r.seconds:.1f}"
     return (f'<tr data-status="{_e(r.status)}"><td data-v="{_e(r.slide_id)}">{_e(r.slide_id)}</td>'
             f'<td data-v="{_e(r.status)}"><span class="st {_e(r.status)}">{_e(r.status)}</span></td>'
-            f'<td class="err" data-v="{_e(r.error)}">{err}</td>'
+            f'<td class="err" data-v="{_e(r.error or r.note)}">{err}</td>'
             f'<td class="num" data-v="{"" if r.cells is None else r.cells}">{cells}</td>'
             f'<td class="num" data-v="{"" if r.seconds is None else r.seconds}">{secs}</td>'
             f'<td><div class="pics">{"".join(pics)}</div></td>'
@@ -430,7 +430,7 @@ def render_report(out_dir: Path, rows: list[Row], runs: list[dict]) -> str:
               '<option value="failed">failed</option><option value="done">done</option>',
               '<option value="skipped">skipped</option></select><span id="shown"></span></div>',
               '<table id="slides-table"><thead><tr><th data-type="text">slide</th><th data-type="text">status</th>'
-              '<th data-type="text">error</th><th data-type="num">cells</th><th data-type="num">seconds</th>'
+              '<th data-type="text">error or note</th><th data-type="num">cells</th><th data-type="num">seconds</th>'
               "<th>pictures (click for full size)</th><th data-type=\"text\">encoders</th></tr></thead><tbody>"]
     parts += [_row_html(r) for r in rows]
     parts.append(f"</tbody></table></section><script>{_JS}</script></body></html>\n")
