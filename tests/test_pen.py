@@ -114,3 +114,21 @@ def test_a_bad_pen_marks_value_is_one_line(inked, tmp_path):
                   "--weights", "random", "--pen-marks", "erase")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "--pen-marks must be one of remove, keep" in bad.stderr
+
+
+def test_the_qc_caption_says_whether_the_ink_was_removed_or_kept(inked, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from wsi_embed import qc
+
+    captions = []
+    monkeypatch.setattr(qc, "_with_caption", lambda picture, title: captions.append(title) or picture)
+    store = tmp_path / "inked.zarr"
+    shutil.copytree(inked["out"] / "inked.zarr", store)
+    qc.render_store_qc(store)
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["tissue"]["pen_marks"] = "keep"
+    (store / "zarr.json").write_text(json.dumps(meta))
+    qc.render_store_qc(store)
+    assert "pen ink (orange, removed)" in captions[0] and "pen ink (orange, kept)" in captions[1], captions

@@ -130,7 +130,7 @@ def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run:
                          [(e.config.name, e.weights.random) for e in encoders])
         run.qc_image = render_qc(plan.thumb.image, plan.tissue_mask, plan.grid, coords, plan.mask,
                                  scale_x=plan.thumb.scale_x, scale_y=plan.thumb.scale_y, title=title,
-                                 ink=plan.ink_mask)
+                                 ink=plan.ink_mask, ink_removed=opts.tissue.pen_marks == "remove")
     return plan.grid, plan.mask, plan.block
 
 

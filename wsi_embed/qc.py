@@ -19,8 +19,9 @@ _MIN_SIDE, _MAX_SIDE = 1024, 2400
 
 def render_qc(thumbnail: np.ndarray, tissue_mask: np.ndarray, grid: Grid, coords: np.ndarray,
               embedded: np.ndarray, *, scale_x: float, scale_y: float, title: str,
-              ink: np.ndarray | None = None) -> Image.Image:
-    """Embedded cells tinted and outlined in blue, the tissue contour in green, a caption on top."""
+              ink: np.ndarray | None = None, ink_removed: bool = True) -> Image.Image:
+    """Embedded cells tinted and outlined in blue, the tissue contour in green, pen ink in orange
+    (``ink_removed``: taken out of the tissue, ``--pen-marks remove``), a caption on top."""
     h, w = thumbnail.shape[:2]
     zoom = min(_MAX_SIDE / max(h, w, 1), max(1.0, _MIN_SIDE / max(h, w, 1)))
     W, H = max(1, round(w * zoom)), max(1, round(h * zoom))
@@ -67,7 +68,7 @@ def render_qc(thumbnail: np.ndarray, tissue_mask: np.ndarray, grid: Grid, coords
     if ink is not None and ink.any():  # pen marks filled in their own colour
         big_ink = Image.fromarray(ink.astype(np.uint8) * 255).resize((W, H), Image.Resampling.NEAREST)
         overlay[np.asarray(big_ink) > 0] = INK_COLOUR + (170,)
-        title += "; pen ink (orange)"
+        title += f"; pen ink (orange, {'removed' if ink_removed else 'kept'})"
     overlay = Image.fromarray(overlay, "RGBA")
     picture = Image.alpha_composite(base, overlay).convert("RGB")
     return _with_caption(picture, title)
@@ -128,7 +129,8 @@ def render_store_qc(store: Path) -> Image.Image:
     title = qc_title(attrs["slide"]["slide_id"], int(mask.sum()), grid.patch_px, grid.target_mpp,
                      tissue["min_tissue"], encoders)
     return render_qc(root["thumbnail"][...], root["tissue_mask"][...], grid, root["coords"][...], mask,
-                     scale_x=sx, scale_y=sy, title=title, ink=root["ink_mask"][...] if "ink_mask" in root else None)
+                     scale_x=sx, scale_y=sy, title=title, ink=root["ink_mask"][...] if "ink_mask" in root else None,
+                     ink_removed=tissue.get("pen_marks", "remove") == "remove")
 
 
 def write_png_atomic(image: Image.Image, path: Path) -> Path:
