@@ -186,3 +186,10 @@ def test_bench_takes_the_slide_mpp_its_message_asks_for(bad_run):
     proc = run_cli(*args, "--slide-mpp", "0.5")
     assert proc.returncode == 0, proc.stderr
     assert '"patches": 8' in proc.stdout
+
+
+def test_a_target_mpp_coarser_than_100_um_is_a_unit_mistake(sample_slide, tmp_path):
+    """--mpp 5000 used to give a 'done' store without a cell."""
+    proc = run_cli("embed", str(sample_slide), "--out", str(tmp_path / "out"), "--mpp", "5000", *FAST)
+    assert_clean_failure(proc, tmp_path / "out", "--mpp 5000 µm/px is coarser than 100", "1120 mm")
+    assert not (tmp_path / "out").exists()

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 _MPP_TOLERANCE = 1e-3
 
 
+MAX_TARGET_MPP = 100.0  # as for slides (wsi_embed.slide.MPP_MAX): coarser is a unit mistake, not a resolution
+
+
 @dataclass(frozen=True)
 class GridSpec:
     """What the user asks for: patches of ``patch_px`` pixels at ``mpp`` µm/px."""
@@ -32,6 +35,10 @@ class GridSpec:
     def __post_init__(self) -> None:
         if not (self.mpp > 0 and math.isfinite(self.mpp)):
             raise InvalidOption(f"--mpp must be a positive number of µm/px, got {self.mpp}")
+        if self.mpp > MAX_TARGET_MPP:
+            raise InvalidOption(f"--mpp {self.mpp:g} µm/px is coarser than {MAX_TARGET_MPP:g}: a {self.patch_px} px patch "
+                                f"would span {self.mpp * self.patch_px / 1000:g} mm; give the patches' µm/px "
+                                "(e.g. 0.5 for 20x, 0.25 for 40x)")
         if self.patch_px < 8:
             raise InvalidOption(f"--patch-size must be at least 8 px, got {self.patch_px}")
         if self.stride_px is not None and self.stride_px < 1:
