@@ -193,3 +193,13 @@ def test_a_target_mpp_coarser_than_100_um_is_a_unit_mistake(sample_slide, tmp_pa
     proc = run_cli("embed", str(sample_slide), "--out", str(tmp_path / "out"), "--mpp", "5000", *FAST)
     assert_clean_failure(proc, tmp_path / "out", "--mpp 5000 µm/px is coarser than 100", "1120 mm")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["embed", "bench"])
+def test_absurd_worker_counts_are_one_line_before_anything_is_made(sample_slide, tmp_path, command):
+    """--workers 99999 mapped slots for every worker and died in mmap with a traceback."""
+    out = tmp_path / "out" / "sub"
+    args = ["--out", str(out)] if command == "embed" else ["--max-patches", "10"]
+    proc = run_cli(command, str(sample_slide), *args, "--workers", "99999", *FAST[:4])
+    assert_clean_failure(proc, out, "--workers must be between 0 and 128, got 99999")
+    assert not (tmp_path / "out").exists()

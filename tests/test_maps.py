@@ -177,3 +177,14 @@ def test_a_rerun_draws_the_map_a_complete_store_lacks(planted_cohort, tmp_path):
     assert again.returncode == 0 and "2 skipped" in again.stdout, again.stdout
     assert lost.is_file() and Image.open(lost).size[0] >= 1024
     assert kept.stat().st_mtime_ns == before
+
+
+def test_fewer_cells_than_clusters_is_said(sample_slide, tmp_path):
+    """--clusters 3 on a store of one cell drew one cluster, and a store without cells none, silently."""
+    from wsi_embed import EmbedOptions, embed_slide
+    from wsi_embed.maps import write_maps
+
+    one = embed_slide(sample_slide, tmp_path / "one", ["timm:test_vit"], "random",
+                      EmbedOptions(workers=0, max_patches=1, qc=False))
+    result = write_maps([one.store], clusters=3, cohort=False)
+    assert any("only 1 of 3 clusters drawn: the fit had 1 cell(s)" in p for p in result.problems), result.problems

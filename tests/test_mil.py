@@ -275,6 +275,17 @@ def test_numeric_labels_that_are_equal_are_one_class(cohort, tmp_path):
     assert text.classes == ("10", "9", "a", "b")  # not all numbers: as text, stripped
 
 
+def test_a_patient_column_under_another_name_or_case(cohort, tmp_path):
+    """Patient_ID is patient_id; 'patient' or 'case_id' alone is refused: it was ignored silently and one
+    patient's slides went into two folds."""
+    rows = [[r["slide_id"], i % 2, f"P{i // 2}"] for i, r in enumerate(cohort["slides"])]
+    table = read_labels(write_csv(tmp_path / "case.csv", ["Slide_ID", "label", "Patient_ID"], rows))
+    assert table.patients == tuple(f"P{i // 2}" for i in range(len(rows)))
+    for name in ("patient", "case_id"):
+        with pytest.raises(LabelsError, match=f"column '{name}' looks like a patient column.*rename it patient_id"):
+            read_labels(write_csv(tmp_path / f"{name}.csv", ["slide_id", "label", name], rows))
+
+
 def test_one_patient_per_class_says_folds_cannot_work(cohort, tmp_path):
     rows = [[cohort["slides"][0]["slide_id"], 0], [cohort["slides"][1]["slide_id"], 1]]
     table = read_labels(write_csv(tmp_path / "two.csv", ["slide_id", "label"], rows))

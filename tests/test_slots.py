@@ -109,3 +109,16 @@ def test_burst_reader_closes_its_threads_slide_handles(tasks, monkeypatch):
     reader = BurstReader(iter(tasks[:6]), threads=2, patches=8)
     assert len(list(reader)) == 6
     assert 1 <= len(closed) <= 2  # each thread that read opened the slide once, and closed it at the end
+
+
+def test_a_pool_the_address_space_cannot_hold_leaves_the_workers_without_slots(monkeypatch, caplog):
+    """128 workers under a tight overcommit limit: mmap fails (ENOMEM); it used to be a traceback."""
+    from wsi_embed import loader
+
+    def no_memory(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(loader, "SlotPool", no_memory)
+    with caplog.at_level("WARNING"):
+        assert loader._slot_pool(1032) is None
+    assert any("no shared slots for 1032 regions" in r.getMessage() for r in caplog.records)

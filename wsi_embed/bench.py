@@ -277,6 +277,7 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
     # loader time (all cores) plus its model time (all cores), so this is the best end-to-end rate
     shared_bound = (1.0 / (1.0 / loader_rate + 1.0 / model_rate)
                     if device.type == "cpu" and loader_rate and model_rate else None)
+    steady = stats.steady_patches_per_s  # None for a run of one batch: no steady state to speak of
     out = {
         "target": str(target),
         "slides": len(paths),
@@ -298,11 +299,11 @@ def run_bench(target: str | os.PathLike, *, model: str = "lunit-bt-rn50", weight
         "end_to_end_over_model": round(e2e_rate / model_rate, 3) if model_rate else None,
         "loader_wait_fraction": round(stats.loader_wait_fraction, 3),
         "time_to_first_batch_s": round(stats.first_batch_s, 3) if stats.first_batch_s is not None else None,
-        "steady_patches_per_s": round(stats.steady_patches_per_s, 2),
-        "steady_over_model": round(stats.steady_patches_per_s / model_rate, 3) if model_rate else None,
+        "steady_patches_per_s": round(steady, 2) if steady is not None else None,
+        "steady_over_model": round(steady / model_rate, 3) if model_rate and steady is not None else None,
         "busy_fraction": stats.busy(),
         "shared_cpu_bound_patches_per_s": round(shared_bound, 2) if shared_bound else None,
-        "steady_over_shared_bound": round(stats.steady_patches_per_s / shared_bound, 3) if shared_bound else None,
+        "steady_over_shared_bound": round(steady / shared_bound, 3) if shared_bound and steady is not None else None,
         "main_process_decode_s": round(stats.decode_s, 3),  # tiles decoded for the device (--decode gpu)
         "decode": opts.decode,
         "decode_limit_patches_per_s": round(decode_limit, 2) if decode_limit else None,

@@ -312,8 +312,10 @@ def bench(
     precision: str = typer.Option("auto"),
     mpp: float = typer.Option(0.5),
     patch_size: int = typer.Option(224),
-    max_patches: int = typer.Option(512, help="Patches per phase (0: all)."),
-    naive_patches: int = typer.Option(128, help="Patches for the naive per-patch baseline (0: skip)."),
+    max_patches: int = typer.Option(512, min=0, help="Patches for loader-only, model-only and the decode limit, and "
+                                    "end-to-end on one slide (0: all); a folder's end-to-end embeds every slide whole "
+                                    "(the sustained rate)."),
+    naive_patches: int = typer.Option(128, min=0, help="Patches for the naive per-patch baseline (0: skip)."),
     compile: bool = typer.Option(False, "--compile"),
     decode: str = typer.Option("auto", help="JPEG tiles: auto | cpu | gpu (as for embed)."),
     slide_mpp: Optional[float] = typer.Option(

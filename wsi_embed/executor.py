@@ -89,10 +89,11 @@ class RunStats:
         return self.wait_s / self.total_s if self.total_s else 0.0
 
     @property
-    def steady_patches_per_s(self) -> float:
-        """The rate after the first batch: slide preparation, writes and slide boundaries included."""
-        if self.first_batch_s is None or self.total_s <= self.first_batch_s:
-            return 0.0
+    def steady_patches_per_s(self) -> float | None:
+        """The rate after the first batch: slide preparation, writes and slide boundaries included;
+        None when there is nothing after it (a run of one batch)."""
+        if self.first_batch_s is None or self.total_s <= self.first_batch_s or self.patches <= self.first_batch_patches:
+            return None
         return (self.patches - self.first_batch_patches) / (self.total_s - self.first_batch_s)
 
     def busy(self) -> dict:

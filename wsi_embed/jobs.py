@@ -16,6 +16,8 @@ from .locks import DEFAULT_STALE_AFTER
 from .slide import BACKENDS
 from .tissue import TissueParams
 
+MAX_WORKERS = 128  # processes per run: more than any node's cores; their shared slots must still be mapped
+
 EMBEDDING_DTYPES = ("float16", "float32")
 DECODE_MODES = ("auto", "cpu", "gpu")
 DEFAULT_MAX_CELLS = 2_000_000  # more than a whole 40x resection at 0.5 µm/px and 224 px
@@ -60,10 +62,11 @@ class EmbedOptions:
             raise InvalidOption(f"--dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {self.dtype}")
         if self.batch_size < 1:
             raise InvalidOption(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.prepare_processes is not None and self.prepare_processes < 0:
-            raise InvalidOption(f"--prepare-processes must be >= 0, got {self.prepare_processes}")
-        if self.workers is not None and self.workers < 0:
-            raise InvalidOption(f"--workers must be >= 0, got {self.workers}")
+        if self.prepare_processes is not None and not 0 <= self.prepare_processes <= MAX_WORKERS:
+            raise InvalidOption(f"--prepare-processes must be between 0 and {MAX_WORKERS}, got {self.prepare_processes}")
+        if self.workers is not None and not 0 <= self.workers <= MAX_WORKERS:
+            raise InvalidOption(f"--workers must be between 0 and {MAX_WORKERS}, got {self.workers} "
+                                "(a loader process per core is the most that helps)")
         if self.backend not in BACKENDS:
             raise InvalidOption(f"unknown --backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         if not self.lock_stale_after > 0:

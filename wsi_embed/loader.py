@@ -370,11 +370,21 @@ def make_loader(tasks: Iterator, *, workers: int, pin_memory: bool, prefetch: in
     if workers > 0:
         init = functools.partial(_worker_init, nice=BACKGROUND_NICE if yield_cpu else 0)
         kwargs = dict(prefetch_factor=prefetch, worker_init_fn=init, persistent_workers=False)
-        pool = SlotPool(2 * workers * prefetch + 8, SLOT_BYTES) if slots.usable() else None
+        pool = _slot_pool(2 * workers * prefetch + 8) if slots.usable() else None
     return DataLoader(
         RegionDataset(pool), batch_size=None, sampler=TaskFeed(tasks), num_workers=workers,
         pin_memory=pin_memory, collate_fn=None, **kwargs,
     )
+
+
+def _slot_pool(n: int) -> SlotPool | None:
+    """Shared slots for ``n`` regions, or None (regions then travel through torch's own shared memory)
+    when the address space cannot hold them (many workers under a tight overcommit limit)."""
+    try:
+        return SlotPool(n, SLOT_BYTES)
+    except OSError as exc:
+        log.warning("no shared slots for %d regions (%s); workers hand patches over without them", n, exc)
+        return None
 
 
 def release_handles() -> None:

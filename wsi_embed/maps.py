@@ -337,6 +337,11 @@ def write_maps(stores: Sequence[str | Path], *, clusters: int | None = None, coh
                 result.written.append(write_png_atomic(pca.image, map_path_for(where, sid, enc)))
                 if clustered is not None:
                     result.written.append(write_png_atomic(clustered.image, clusters_path_for(where, sid, enc)))
+                drawn = 0 if projection.centres is None or clustered is None else len(projection.centres)
+                if clusters is not None and drawn < clusters:
+                    result.problems.append(
+                        f"{store.path}: {enc}: no cluster map, the fit had no embedded cell" if not drawn else
+                        f"{store.path}: {enc}: only {drawn} of {clusters} clusters drawn: the fit had {drawn} cell(s)")
             except WsiEmbedError as exc:
                 result.problems.append(f"{store.path}: no {enc} embedding map: {exc}")
             except OSError as exc:

@@ -82,10 +82,17 @@ def _sort_values(values: set[str]) -> list[str]:
         return sorted(values)
 
 
+_RESERVED_COLUMNS = ("slide_id", "patient_id", "split", "fold")
+_PATIENT_LOOKALIKES = frozenset({"patient", "patientid", "patient id", "patient_name", "case", "case_id", "caseid",
+                                 "case id", "case_submitter_id", "submitter_id", "subject", "subject_id"})
+
+
 def read_labels(path: str | os.PathLike, label_column: str = "label") -> LabelTable:
     """Read a labels CSV (``slide_id``, the label column; optional ``patient_id``, ``split``,
-    ``fold``). Rows with an empty label are left out (logged). Raises :class:`LabelsError` for a
-    missing column, a repeated slide id, or fewer than two classes."""
+    ``fold``; these four in any case). Rows with an empty label are left out (logged). Raises
+    :class:`LabelsError` for a missing column, a repeated slide id, fewer than two classes, or a
+    patient column under another name (``patient``, ``case_id``...), which would split a patient's
+    slides over folds."""
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
@@ -101,6 +108,16 @@ def read_labels(path: str | os.PathLike, label_column: str = "label") -> LabelTa
         raise LabelsError(f"{path}: labels file not found; check the path") from exc
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise LabelsError(f"{path}: cannot read the labels file ({exc}); give a UTF-8 CSV") from exc
+    rename = {c: c.lower() for c in columns
+              if c.lower() in _RESERVED_COLUMNS and c != c.lower() and c.lower() not in columns}
+    if rename:  # Slide_ID, Patient_ID ...: the same columns in another case
+        columns = [rename.get(c, c) for c in columns]
+        rows = [{rename.get(k, k): v for k, v in row.items()} for row in rows]
+    lookalike = [c for c in columns if c.lower() in _PATIENT_LOOKALIKES]
+    if "patient_id" not in columns and lookalike:
+        raise LabelsError(f"{path}: column {lookalike[0]!r} looks like a patient column, but slides are grouped by "
+                          "'patient_id' (so that no patient is in two folds): rename it patient_id, or rename it to "
+                          "something else if it is not one")
     for needed, how in (("slide_id", "add a slide_id column (the store names without .zarr)"),
                         (label_column, "name the label column with label_column= (--label-column)")):
         if needed not in columns:
