@@ -115,6 +115,9 @@ def plan_slide(slide: Slide, mpp: MppInfo, opts: EmbedOptions, slide_id: str,
         tissue_mask = detect_tissue(thumb, params, ink)
         source = {"method": tissue_method(thumb.image), "mask_path": None}
     remove = params.pen_marks == "remove"
+    with_ink = None
+    if remove and ink.any():  # tissue cells before the ink left the mask: those lost to it count as ink's
+        with_ink = cell_tissue_fraction(tissue_mask, thumb, grid) >= opts.min_tissue
     if remove:
         tissue_mask = tissue_mask & ~ink
     fraction = cell_tissue_fraction(tissue_mask, thumb, grid)
@@ -122,9 +125,8 @@ def plan_slide(slide: Slide, mpp: MppInfo, opts: EmbedOptions, slide_id: str,
     mask = fraction >= opts.min_tissue
     excluded = {}
     if remove:
-        inked = mask & (ink_fraction > params.max_ink_fraction)
-        excluded["ink"] = int(inked.sum())
-        mask &= ~inked
+        mask &= ~(ink_fraction > params.max_ink_fraction)
+        excluded["ink"] = int((with_ink & ~mask).sum()) if with_ink is not None else 0
     labels = None
     source["annotations"] = None
     if annotations is not None:
