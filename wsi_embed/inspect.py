@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .errors import IncompleteStore
-from .store import _read_array, _read_group, enclosing_store, group_dirs, is_temporary, store_slide_id
+from .store import _read_array, _read_group, group_dirs, is_temporary, refuse_inside_a_store, store_slide_id
 from .verify import GEOMETRY, verify_store
 
 _SLIDE_KEYS = ("slide_id", "path", "vendor", "backend", "dimensions", "mpp", "mpp_source", "objective_power",
@@ -51,10 +51,7 @@ def inspect_store(path: str | os.PathLike) -> dict:
     """Describe a store and check it (reads every chunk). Raises :class:`IncompleteStore` only for a
     path that is not a store at all."""
     path = Path(path)
-    store = enclosing_store(path)
-    if store is not None and store != path.absolute():
-        raise IncompleteStore(f"{path}: inside the store {store}, not a store itself; give the <slide_id>.zarr "
-                              "folder")
+    refuse_inside_a_store(path)
     if not path.is_dir() or (not (path / "zarr.json").exists() and not (path / "mask").is_dir()):
         raise IncompleteStore(f"{path}: not a wsi-embed store (no zarr.json); give a <slide_id>.zarr folder")
     try:

@@ -484,7 +484,7 @@ def tiff_damage(path: Path) -> str | None:
     return None
 
 
-def _table_short(ifd: "_Ifd") -> str | None:
+def _table_short(ifd: _Ifd) -> str | None:
     """A tile (or strip) table with fewer entries than the image size needs: a damaged or forged
     header, whose missing tiles a reader would silently fill with black."""
     if not ifd.offsets or not ifd.width or not ifd.height:

@@ -45,14 +45,6 @@ GEOMETRY_ARRAYS = ("mask", "tissue_fraction", "coords", "thumbnail", "tissue_mas
 # Optional geometry arrays (stores from before them lack them): the ink mask (thumbnail px), per-cell
 # ink fraction, annotation label (int16, -1 none) and artefact measures (see wsi_embed.artefacts).
 OPTIONAL_ARRAYS = ("ink_mask", "ink_fraction", "annotation", "grey_std", "laplacian_var")
-
-
-def expected_optional_arrays(tissue: dict) -> list[str]:
-    """The optional arrays a store's ``tissue`` attrs say it holds: ink (``ink_mm2``, written with
-    them), annotation labels (``annotations``), artefact measures (``artefacts``)."""
-    names = ["ink_mask", "ink_fraction"] if "ink_mm2" in tissue else []
-    names += ["annotation"] if tissue.get("annotations") else []
-    return names + (["grey_std", "laplacian_var"] if "artefacts" in tissue else [])
 # Geometry arrays are stored in few chunks, whatever the region block: each array is one chunk
 # while it is at most this many bytes (a 100k x 100k slide's grid at 224 px and 0.5 µm/px is
 # 446 x 446 cells: 3 MB of coords), larger ones in square chunks of a power-of-two side that fit
@@ -90,6 +82,14 @@ def store_slide_id(store: str | os.PathLike) -> str:
     return Path(store).name.removesuffix(".zarr")
 
 
+def expected_optional_arrays(tissue: dict) -> list[str]:
+    """The optional arrays a store's ``tissue`` attrs say it holds: ink (``ink_mm2``, written with
+    them), annotation labels (``annotations``), artefact measures (``artefacts``)."""
+    names = ["ink_mask", "ink_fraction"] if "ink_mm2" in tissue else []
+    names += ["annotation"] if tissue.get("annotations") else []
+    return names + (["grey_std", "laplacian_var"] if "artefacts" in tissue else [])
+
+
 def enclosing_store(path: str | os.PathLike) -> Path | None:
     """The store (a ``*.zarr`` folder with its ``zarr.json``) that ``path`` is, or lies inside; None
     when there is none."""
@@ -98,6 +98,15 @@ def enclosing_store(path: str | os.PathLike) -> Path | None:
         if p.name.endswith(".zarr") and (p / "zarr.json").is_file():
             return p
     return None
+
+
+def refuse_inside_a_store(path: str | os.PathLike) -> None:
+    """A path inside a store (one of its arrays or groups) is not a store: say which store it is in
+    (judged as a store of its own, the store would look damaged)."""
+    store = enclosing_store(path)
+    if store is not None and store != Path(path).absolute():
+        raise IncompleteStore(f"{path}: inside the store {store}, not a store itself; give the <slide_id>.zarr "
+                              "folder or its output folder")
 
 
 def folders_to_make(path: str | os.PathLike) -> list[Path]:

@@ -31,7 +31,7 @@ import zarr
 
 from .errors import WsiEmbedError
 from .store import (GEOMETRY_ARRAYS, OPTIONAL_ARRAYS, _read_array, _read_group, _remove, damage_reason,
-                    enclosing_store, expected_optional_arrays, group_dirs, has_checksums, is_temporary,
+                    expected_optional_arrays, group_dirs, has_checksums, is_temporary, refuse_inside_a_store,
                     repair_backup_path, repair_hint, settle_zarr_reads, store_slide_id)
 
 log = logging.getLogger(__name__)
@@ -438,9 +438,7 @@ def find_stores(target: str | os.PathLike) -> list[Path]:
     target = Path(target)
     if not target.exists():
         raise WsiEmbedError(f"{target}: no such file or directory; give an output folder or a store")
-    store = enclosing_store(target)
-    if store is not None and store != target.absolute():
-        raise WsiEmbedError(f"{target}: inside the store {store}, not a store itself; give the store or its folder")
+    refuse_inside_a_store(target)
     if target.name.endswith(".zarr") or (target / "zarr.json").exists():
         return [target]
     if not target.is_dir():
