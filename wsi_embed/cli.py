@@ -424,10 +424,12 @@ def verify(
         options = EmbedOptions(device=device, workers=workers)
     except WsiEmbedError as exc:
         _fail(str(exc))
-    rows, n_ok, n_damaged, n_repaired = [], 0, 0, 0
+    rows, n_ok, n_damaged, n_repaired, n_fixable = [], 0, 0, 0, 0
     for store in stores:
+        doing = "cannot be read"
         try:
             report = verify_store(store)
+            doing = "cannot be repaired"
             result = repair_store(store, options, report) if repair and not report.ok else None
         except WsiEmbedError as exc:
             n_damaged += 1
@@ -437,9 +439,9 @@ def verify(
             continue
         except OSError as exc:  # permissions, I/O errors: say so for this store, go on with the others
             n_damaged += 1
-            rows.append({"store": str(store), "ok": False, "error": f"cannot be read ({exc.strerror or exc})"})
+            rows.append({"store": str(store), "ok": False, "error": f"{doing} ({exc.strerror or exc})"})
             if not as_json:
-                typer.echo(f"failed   {store}: cannot be read ({exc.strerror or exc}); check permissions")
+                typer.echo(f"failed   {store}: {doing} ({exc.strerror or exc}); check permissions and free space")
             continue
         if report.ok:
             n_ok += 1
@@ -447,14 +449,17 @@ def verify(
             n_repaired += 1
         else:
             n_damaged += 1
+            n_fixable += not report.unrepairable
         rows.append(result.to_dict() if result is not None else report.to_dict())
         if not as_json:
             typer.echo(result.line() if result is not None else report.line())
     line = f"{len(stores)} stores: {n_ok} ok, {n_damaged + n_repaired} damaged"
     if repair:
         line += f", {n_repaired} repaired"
-    elif n_damaged:
+    elif n_fixable:
         line += "; rerun with --repair to re-embed what is damaged"
+    elif n_damaged:
+        line += "; --repair cannot fix these: see each store's line"
     if as_json:
         typer.echo(json.dumps({"stores": rows, "ok": n_ok, "damaged": n_damaged + n_repaired,
                                "repaired": n_repaired, "summary": line}, indent=2))

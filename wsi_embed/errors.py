@@ -81,6 +81,13 @@ class StoreWriteError(WsiEmbedError, OSError):
     """A slide's store or picture could not be written (full disk, quota, name too long)."""
 
 
+def store_write_error(slide, store, exc: OSError) -> StoreWriteError:
+    """One line for a store that cannot be written (full disk, quota, permissions): the slide file
+    and the store it was writing."""
+    return StoreWriteError(f"{slide}: cannot write its store {store} ({exc.strerror or exc}); "
+                           "check free space and permissions, then rerun")
+
+
 class LabelsError(WsiEmbedError, ValueError):
     """A labels table that cannot be used: a missing column, one class, a patient in two folds."""
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import artefacts
-from .errors import LockLost, SlideChanged, StoreWriteError, WsiEmbedError
+from .errors import LockLost, SlideChanged, WsiEmbedError, store_write_error
 from .grid import Grid
 from .infer import DeviceClock
 from .jobs import EmbedOptions, SlideJob, SlideResult
@@ -266,8 +266,7 @@ class Executor:
             except WsiEmbedError as exc:
                 self._fail(run, str(exc))
             except OSError as exc:  # e.g. a full disk while writing or committing
-                self._fail(run, f"{run.job.slide_id}: cannot write its store ({exc.strerror or exc}); "
-                                "check free space and permissions, then rerun")
+                self._fail(run, str(store_write_error(run.job.path, run.writer.final, exc)))
             except RuntimeError as exc:  # an internal inconsistency: this slide fails loudly
                 log.exception("internal error finishing %s", run.job.path)
                 self._fail(run, f"{run.job.path}: internal error ({exc}); please report it")
@@ -296,8 +295,7 @@ class Executor:
                 run.writer.mark_complete(group, cells=result.cells)
             result.store = str(run.writer.commit())
         except OSError as exc:
-            raise StoreWriteError(f"{run.job.slide_id}: cannot write its store in {run.writer.final.parent} "
-                                  f"({exc.strerror or exc}); check free space and permissions, then rerun") from None
+            raise store_write_error(run.job.path, run.writer.final, exc) from None
         result.status = "done"
         if self.opts.qc:  # after the commit: no picture without its store; encoded off this thread
             path = qc_path_for(run.writer.final.parent, run.job.slide_id)

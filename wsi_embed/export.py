@@ -50,8 +50,8 @@ import numpy as np
 from . import __version__
 from .errors import InvalidOption, WsiEmbedError
 from .atomic import TMP_MARK, owner_gone, write_atomic
-from .store import completed_encoders, group_name, open_store, store_slide_id
-from .verify import find_stores
+from .store import completed_encoders, enclosing_store, group_name, open_store, store_slide_id
+from .verify import find_stores, verify_store
 
 log = logging.getLogger(__name__)
 
@@ -354,6 +354,10 @@ def export_stores(out: str | os.PathLike, *, format: str, encoder: str, to: str 
     stores = find_stores(out)
     name = resolve_encoder(stores, encoder)
     to = Path(to)
+    inside = enclosing_store(to)
+    if inside is not None:  # files written there would damage the store
+        raise InvalidOption(f"{to}: {'is' if inside == to.absolute() else 'is inside'} the store {inside}; "
+                            "choose a --to outside the stores")
     writer = WRITERS[fmt](to, name)
     try:
         for d in writer.dirs():
@@ -374,7 +378,11 @@ def _export_each(stores: list[Path], writer: _Writer, encoder: str) -> Iterator[
 def export_one(store: Path, slide_id: str, writer: _Writer, encoder: str) -> ExportResult:
     try:
         opened = open_store(store)
-        s = _Slide(slide_id, store, encoder, opened.attrs, opened.encoder_attrs(encoder))
+        enc = opened.encoder_attrs(encoder)  # a missing or unfinished group: rerun embed
+        report = verify_store(store, groups=[group_name(encoder)])
+        if not report.ok:  # what verify calls damaged is not exported, whatever part the format reads
+            return ExportResult(slide_id, "failed", error=report.error_line())
+        s = _Slide(slide_id, store, encoder, opened.attrs, enc)
         done = writer.current(s)
         if done is not None:
             return ExportResult(slide_id, "skipped", done, note=f"up to date at {done}")

@@ -52,6 +52,8 @@ def inspect_store(path: str | os.PathLike) -> dict:
     path that is not a store at all."""
     path = Path(path)
     refuse_inside_a_store(path)
+    if not path.exists():
+        raise IncompleteStore(f"{path}: no such file or directory; give a <slide_id>.zarr folder")
     if not path.is_dir() or (not (path / "zarr.json").exists() and not (path / "mask").is_dir()):
         raise IncompleteStore(f"{path}: not a wsi-embed store (no zarr.json); give a <slide_id>.zarr folder")
     try:

@@ -20,7 +20,7 @@ import torch
 import zarr
 
 from .decode import DecodePlan, DecoderTally, resolve_decode
-from .errors import InvalidOption, OutputNotWritable, RunWideError, StoreConflict, StoreWriteError, WsiEmbedError
+from .errors import InvalidOption, OutputNotWritable, RunWideError, StoreConflict, WsiEmbedError, store_write_error
 from .executor import Executor, RegionBuffer, RunStats, SlideRun, release
 from .grid import Grid, plan_regions
 from .ids import id_problem
@@ -33,8 +33,8 @@ from .planner import Planner, default_prepare_processes
 from .qc import qc_path_for, qc_title, render_qc, render_store_qc, write_png_atomic
 from .resume import options_conflict, Resume, plan_resume
 from .slide import ensure_intact, fingerprint, open_slide, resolve_mpp
-from .store import (StoreWriter, completed_encoders, ensure_writable, folders_to_make, read_guard, remove_if_empty,
-                    remove_stale_temporaries, store_path)
+from .store import (StoreWriter, completed_encoders, damage_reason, ensure_writable, folders_to_make, read_guard,
+                    remove_if_empty, remove_stale_temporaries, store_path)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,10 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
         raise StoreConflict(conflict)
     if conflict:  # --overwrite with other grid options or another slide: rebuild it all
         append = False
-        log.warning("%s: rebuilt for the new options; its other encoder groups are dropped", final)
+        others = [n for n in completed_encoders(final) if n not in {e.config.name for e in encoders}]
+        log.warning("%s: rebuilding it for this slide file and these options (--overwrite)%s; the old store is "
+                    "kept until the new one is complete", final,
+                    f", without its other encoder groups ({', '.join(others)})" if others else "")
     # the writer is left open for the executor to commit; any failure here removes its temporaries
     with open_slide(job.path, backend=opts.backend) as slide, StoreWriter(final, append=append) as writer:
         mpp = resolve_mpp(slide, job.slide_mpp)
@@ -102,8 +105,7 @@ def _writing(job: SlideJob, out_dir: Path):
     try:
         yield
     except OSError as exc:
-        raise StoreWriteError(f"{job.slide_id}: cannot write its store in {out_dir} ({exc.strerror or exc}); "
-                              "check free space and permissions, then rerun") from None
+        raise store_write_error(job.path, store_path(out_dir, job.slide_id), exc) from None
 
 
 def _preflight(job: SlideJob, opts: EmbedOptions) -> None:
@@ -427,6 +429,9 @@ def _tidy_complete(out_dir: Path, job: SlideJob, opts: EmbedOptions, lock) -> No
             write_png_atomic(render_store_qc(store_path(out_dir, job.slide_id)), qc_path)
     except (OSError, WsiEmbedError) as exc:
         log.warning("%s: could not draw the missing QC picture (%s)", job.slide_id, exc)
+    except Exception as exc:  # noqa: BLE001 - a codec or JSON error: the store's pictures are damaged
+        log.warning("%s: could not draw the missing QC picture (%s); the store looks damaged: check it with "
+                    "wsi-embed verify %s", job.slide_id, damage_reason(exc), store_path(out_dir, job.slide_id))
     finally:
         if own:
             lock.release()

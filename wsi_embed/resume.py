@@ -21,7 +21,7 @@ from typing import Sequence
 from . import artefacts
 from .jobs import SlideJob
 from .slide import fingerprint
-from .store import completed_encoders, group_name, store_path
+from .store import completed_encoders, group_name, store_path, unreadable_geometry
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +156,18 @@ def plan_resume(out_dir: Path, job: SlideJob, names: Sequence[str], weights: str
     except OSError as exc:
         return Resume(error=f"{job.path}: cannot be read ({exc.strerror or exc}); check the file")
     if not same_file:
+        if recorded.get("path") and Path(recorded["path"]).resolve() == job.path.resolve():
+            return Resume(error=(f"{job.path}: has changed since the store {store} was made from it; "
+                                 "use --overwrite to embed it again"))
         return Resume(error=(
             f"{job.path}: the store {store} was made from another file ({recorded.get('path')}); "
             "use --overwrite to replace it, or give this slide its own id with --list and a slide_id column"))
     conflict = options_conflict(store, root_attrs, job, options) if options is not None else None
     if conflict:
         return Resume(error=conflict)
+    broken = unreadable_geometry(store)
+    if broken:  # its grid cannot be reused: the store is rebuilt, as one whose root metadata is lost
+        return Resume(names, f"its {', '.join(broken)} metadata could not be read", rebuild=True)
     todo, notes = [n for n in names if n not in done], []
     lost = [n for n in todo if (store / group_name(n)).is_dir()]  # a group there, but unreadable or unfinished
     if lost:

@@ -396,6 +396,19 @@ def _open_failure(path: Path, requested: str, errors: dict[str, Exception], is_t
     return UnreadableSlide(f"{path}: not a whole-slide image that {readers} can read ({detail}); {tail}")
 
 
+def _check_readable(path: Path) -> None:
+    """UnreadableSlide for a file this process may not read (or whose disk fails), before any reader
+    meets it with its own error."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except PermissionError as exc:
+        raise UnreadableSlide(f"{path}: cannot be read (permission denied); ask for read access to it "
+                              "or copy it somewhere you can read") from exc
+    except OSError as exc:
+        raise UnreadableSlide(f"{path}: cannot be read ({exc.strerror or exc}); check the disk or re-copy it") from exc
+
+
 def open_slide(path: str | os.PathLike, *, backend: str = "auto") -> Slide:
     """Open a slide. ``auto``: tiffslide for .svs/.tif/.tiff (fast), openslide for the rest."""
     path = Path(path)
@@ -412,6 +425,7 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto") -> Slide:
         from .dicom import dicom_folder_file
 
         path = dicom_folder_file(path)  # a folder holding one DICOM series: one of its files
+    _check_readable(path)
     is_tiff = _looks_like_tiff(path)
     # tile/strip size and table length from the raw directories, before any reader parses tables
     longest_table = _tiff_limits(path) if is_tiff else 0

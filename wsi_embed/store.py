@@ -139,6 +139,8 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
 def ensure_writable(out_dir: Path) -> Path:
     """Create ``out_dir`` and prove a file can be written there, before any work is done."""
     out_dir = check_out_dir(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputNotWritable(f"{out_dir}: is a file, not a folder; --out takes a folder (new or existing)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-probe-{uuid.uuid4().hex}"
@@ -480,6 +482,18 @@ def group_dirs(path: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(path)
                   if e.is_dir() and not e.name.startswith(".") and e.name not in GEOMETRY_ARRAYS
                   and e.name not in OPTIONAL_ARRAYS)
+
+
+def unreadable_geometry(path: Path) -> list[str]:
+    """Geometry arrays of a store whose metadata is missing or cannot be read (a store with them
+    cannot be resumed into: its grid is lost)."""
+    names = []
+    for name in GEOMETRY_ARRAYS:
+        try:
+            _read_array(Path(path) / name)
+        except Exception:  # noqa: BLE001 - any damage means the same: rebuild
+            names.append(name)
+    return names
 
 
 def completed_encoders(path: Path) -> list[str]:

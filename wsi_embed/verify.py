@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field, fields
 from itertools import product
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import zarr
@@ -255,14 +255,17 @@ class _Geometry:
         missing = [k for k in ("wsi_embed", "slide", "grid", "tissue") if not isinstance(attrs.get(k), dict)]
         if missing:
             self.problem("zarr.json", f"root attrs {', '.join(missing)} missing")
-            self.report.unrepairable.append("its root attrs are incomplete")
+            self.report.unrepairable.append("its root attrs, which name the slide and the grid options, are incomplete; "
+                                            "re-embed the slide with wsi-embed embed SLIDE --out "
+                                            f"{self.path.parent} --overwrite and its options")
             return False
         grid = attrs["grid"]
         try:
             self.rows, self.cols = int(grid["rows"]), int(grid["cols"])
         except (KeyError, TypeError, ValueError):
             self.problem("zarr.json", "grid attrs unreadable")
-            self.report.unrepairable.append("its grid attrs are lost")
+            self.report.unrepairable.append("its grid attrs are lost; re-embed the slide with wsi-embed embed SLIDE "
+                                            f"--out {self.path.parent} --overwrite and its options")
             return False
         self.attrs = attrs
         return True
@@ -414,8 +417,10 @@ def _check_group(path: Path, key: str, geo: _Geometry, report: StoreReport) -> N
         problem(f"{attrs['cells']} cells recorded, the mask has {n_cells}", key)
 
 
-def verify_store(path: str | os.PathLike) -> StoreReport:
-    """Check one store (see the module doc). Reads every chunk; memory stays about one byte per cell."""
+def verify_store(path: str | os.PathLike, groups: Iterable[str] | None = None) -> StoreReport:
+    """Check one store (see the module doc). Reads every chunk; memory stays about one byte per cell.
+    ``groups``: check only these encoder groups (node names) beside the geometry, as a reader of
+    one encoder needs (export, index)."""
     path = Path(path)
     report = StoreReport(path)
     if not path.is_dir():
@@ -425,7 +430,13 @@ def verify_store(path: str | os.PathLike) -> StoreReport:
     try:
         geo = _Geometry(path, report)
         geo.check()
-        for key in group_dirs(path):
+        keys = group_dirs(path)
+        if geo.attrs is not None and not keys:
+            report.problems.append(Problem(GEOMETRY, "encoder groups", "none (a store is written with at least one)"))
+            report.unrepairable.append("its embeddings are gone, and with them the record of which encoder made "
+                                       f"them; re-embed the slide with wsi-embed embed SLIDE --out {path.parent} "
+                                       "--model NAME --overwrite")
+        for key in keys if groups is None else [k for k in keys if k in set(groups)]:
             _check_group(path, key, geo, report)
     finally:
         settle_zarr_reads()

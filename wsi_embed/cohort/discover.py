@@ -50,6 +50,7 @@ def is_slide_file(path: Path) -> bool:
 
 
 PLAIN_IMAGES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+OUR_PICTURES = (".qc.png", ".map.png", ".clusters.png", ".attention.png")  # an --out inside the input folder
 
 
 def find_slides(directory: Path, images: list[Path] | None = None) -> list[Path]:
@@ -73,7 +74,8 @@ def find_slides(directory: Path, images: list[Path] | None = None) -> list[Path]
         found.extend(sorted(Path(root, f) for f in files
                             if is_slide_file(Path(f)) and not f.lower().endswith(".dcm")))
         if images is not None:
-            images.extend(Path(root, f) for f in files if f.lower().endswith(PLAIN_IMAGES))
+            images.extend(Path(root, f) for f in files
+                          if f.lower().endswith(PLAIN_IMAGES) and not f.lower().endswith(OUR_PICTURES))
         dicom_names = [f for f in files if dicom_candidate_name(f)]  # .dcm, or no/numeric extension
         if dicom_names:  # extensionless files cost a 132-byte read (DICM magic), .dcm files none
             found.extend(sorted(s.main_file for s in dicom_series(Path(root), dicom_names)))

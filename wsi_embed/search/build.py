@@ -28,6 +28,7 @@ from .. import __version__
 from ..errors import CorruptStore, EncoderMismatch, WsiEmbedError
 from ..atomic import swap_in_dir, tmp_suffix
 from ..store import group_name, is_temporary, open_store, store_slide_id
+from ..verify import verify_store
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,10 @@ def _find_members(out_dir: Path, encoder: str) -> tuple[list[_Member], list[dict
             names = [n for n in store.encoders if group_name(n) == wanted]
             if not names:
                 skipped.append({"store": path.name, "reason": f"no complete {encoder} group"})
+                continue
+            report = verify_store(path, groups=[wanted])  # reads every chunk: damage the metadata hides
+            if not report.ok:
+                skipped.append({"store": path.name, "reason": report.error_line()})
                 continue
             enc = store.encoder_attrs(names[0])
             attrs = store.attrs
@@ -196,9 +201,11 @@ def _write(folder: Path, members: list[_Member], skipped: list[dict], exact_max:
             log.warning("%s: skipped: %s", m.store.name, exc)
             continue
         rows, cols = np.nonzero(store.mask)  # bag order is row-major, as np.nonzero's
-        if feats.shape[1] != dim:
-            raise EncoderMismatch(f"{m.store}: {m.encoder} embeddings have dim {feats.shape[1]}, the group says "
-                                  f"{dim}; verify it with wsi-embed verify {m.store}")
+        if feats.shape[1] != dim:  # stores agree on weights, so this is another model under that name
+            skipped.append({"store": m.store.name, "reason": f"{m.encoder} embeddings have dim {feats.shape[1]}, "
+                            f"the other stores' {dim}"})
+            log.warning("%s: skipped: %s", m.store.name, skipped[-1]["reason"])
+            continue
         c, i = len(feats), len(slides)
         slide_vectors[i] = _normalise(feats.mean(axis=0, dtype=np.float64))
         table[k : k + c] = np.column_stack([np.full(c, i), rows, cols, xy[:, 0], xy[:, 1]])

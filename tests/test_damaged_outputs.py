@@ -1,0 +1,172 @@
+"""What a user meets with unreadable slides and stores damaged by hand: one line, the others go on,
+and every command agrees with `wsi-embed verify` about which stores are damaged."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+from wsi_embed.verify import verify_store
+
+VIT = "timm:test_vit"
+EMBED = ("--model", VIT, "--weights", "random", "--workers", "0", "--no-maps")
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, sample_slide) -> Path:
+    """Three complete stores of the sample slide (a, b, c) and their QC pictures."""
+    root = tmp_path_factory.mktemp("damaged")
+    slides = root / "slides"
+    slides.mkdir()
+    for name in "abc":
+        shutil.copy(sample_slide, slides / f"{name}.svs")
+    proc = run_cli("embed", str(slides), "--out", str(root / "out"), *EMBED)
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def _copy(cohort: Path, where: Path) -> Path:
+    shutil.copytree(cohort / "out", where)
+    return where
+
+
+def _edit_json(path: Path, change) -> None:
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _no_traceback(proc: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(not shutil.which("setpriv") and os.geteuid() == 0, reason="root reads any file without setpriv")
+def test_a_slide_this_user_may_not_read_fails_alone_in_one_line(cohort, sample_slide, tmp_path):
+    """A PermissionError from the slide readers printed a traceback; now one line, the others embed."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(sample_slide, slides / "good.svs")
+    shutil.copy(sample_slide, slides / "locked.svs")
+    os.chmod(slides / "locked.svs", 0)
+    # as root, file modes do not bite unless the capabilities that override them are dropped
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    proc = subprocess.run([*prefix, sys.executable, "-m", "wsi_embed.cli", "embed", str(slides), "--out",
+                           str(tmp_path / "out"), *EMBED], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    _no_traceback(proc)
+    assert proc.returncode == 1
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors == [f"error: {slides / 'locked.svs'}: cannot be read (permission denied); ask for read access "
+                      "to it or copy it somewhere you can read"]
+    assert (tmp_path / "out" / "good.zarr").is_dir() and not (tmp_path / "out" / "locked.zarr").exists()
+
+
+def test_export_and_index_skip_what_verify_calls_damaged(cohort, tmp_path):
+    """A store without its slide attrs crashed `export --format trident` (KeyError); a store whose
+    encoder dim was edited was exported, and stopped `index` for every store."""
+    out = _copy(cohort, tmp_path / "out")
+    _edit_json(out / "a.zarr" / "zarr.json", lambda d: d["attributes"].pop("slide"))
+    _edit_json(out / "b.zarr" / "timm-test_vit" / "zarr.json", lambda d: d["attributes"]["encoder"].update(dim=7))
+    for fmt in ("trident", "clam", "stamp"):
+        proc = run_cli("export", str(out), "--format", fmt, "--encoder", VIT, "--to", str(tmp_path / fmt))
+        _no_traceback(proc)
+        assert proc.returncode == 1
+        lines = proc.stdout.strip().splitlines()
+        assert lines[0].startswith(f"error: {out / 'a.zarr'}: damaged: geometry (zarr.json: root attrs slide missing)")
+        assert "cannot be repaired automatically" in lines[0] and "--overwrite" in lines[0]
+        assert lines[1].startswith(f"error: {out / 'b.zarr'}: damaged: encoder {VIT}") and "7" in lines[1]
+        assert lines[2].startswith("exported c ") and lines[3].startswith("summary: 3 slides: 1 exported")
+    proc = run_cli("index", str(out), "--encoder", VIT)
+    _no_traceback(proc)
+    assert proc.returncode == 0
+    manifest = json.loads((Path(proc.stdout.strip()) / "index.json").read_text())
+    assert [s["store"] for s in manifest["skipped"]] == ["a.zarr", "b.zarr"]
+    assert [s["slide_id"] for s in manifest["slides"]] == ["c"]
+
+
+def test_export_into_a_store_is_refused(cohort, tmp_path):
+    out = _copy(cohort, tmp_path / "out")
+    proc = run_cli("export", str(out), "--format", "clam", "--encoder", VIT, "--to", str(out / "a.zarr" / "exp"))
+    _no_traceback(proc)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"error: {out / 'a.zarr' / 'exp'}: is inside the store {out / 'a.zarr'}; "
+                                   "choose a --to outside the stores")
+    assert not (out / "a.zarr" / "exp").exists() and verify_store(out / "a.zarr").ok
+
+
+def test_a_store_without_its_encoder_group_is_damaged_beyond_repair(cohort, tmp_path):
+    """verify and inspect said ok for a store whose only group was deleted."""
+    out = _copy(cohort, tmp_path / "out")
+    shutil.rmtree(out / "a.zarr" / "timm-test_vit")
+    proc = run_cli("verify", str(out), "--repair")
+    _no_traceback(proc)
+    assert proc.returncode == 1
+    line = proc.stdout.splitlines()[0]
+    assert line.startswith(f"damaged  {out / 'a.zarr'}: geometry (encoder groups: none") and "not repaired" in line
+    proc = run_cli("verify", str(out))
+    assert proc.stdout.strip().splitlines()[-1] == ("summary: 3 stores: 2 ok, 1 damaged; --repair cannot fix these: "
+                                                    "see each store's line")
+    assert run_cli("inspect", str(out / "a.zarr")).returncode == 1
+
+
+def test_a_rerun_redoes_a_store_with_unreadable_geometry_and_survives_a_damaged_picture(cohort, tmp_path):
+    """With its QC picture gone, a store whose mask metadata was cut (a) or whose thumbnail fails
+    its checksum (b) crashed the whole rerun while the picture was drawn again."""
+    out = _copy(cohort, tmp_path / "out")
+    meta = out / "a.zarr" / "mask" / "zarr.json"
+    meta.write_text(meta.read_text()[:100])
+    thumb = next(p for p in (out / "b.zarr" / "thumbnail" / "c").rglob("*") if p.is_file())
+    data = bytearray(thumb.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    thumb.write_bytes(bytes(data))
+    for name in "ab":
+        (out / f"{name}.qc.png").unlink()
+    proc = run_cli("embed", str(cohort / "slides"), "--out", str(out), *EMBED)
+    _no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    assert "done    a:" in proc.stdout and "skipped b:" in proc.stdout and "skipped c:" in proc.stdout
+    assert verify_store(out / "a.zarr").ok and (out / "a.qc.png").is_file()
+    assert (f"b: could not draw the missing QC picture (a chunk fails its checksum); the store looks damaged: "
+            f"check it with wsi-embed verify {out / 'b.zarr'}") in proc.stderr
+
+
+def test_a_slide_changed_in_place_is_named_as_changed(cohort, sample_slide, tmp_path):
+    slide = tmp_path / "x.svs"
+    shutil.copy(sample_slide, slide)
+    out = tmp_path / "out"
+    assert run_cli("embed", str(slide), "--out", str(out), *EMBED).returncode == 0
+    with open(slide, "r+b") as f:  # another scan under the same name: its first MiB differs
+        f.seek(500_000)
+        f.write(b"0123456789")
+    proc = run_cli("embed", str(slide), "--out", str(out), *EMBED)
+    assert proc.returncode == 1
+    assert f"error: {slide}: has changed since the store {out / 'x.zarr'} was made from it; use --overwrite to " \
+           "embed it again" in proc.stderr
+
+
+def test_outputs_inside_the_input_folder_are_not_plain_pictures(cohort, tmp_path):
+    """With --out inside the slide folder, the second run warned about its own QC pictures."""
+    slides = tmp_path / "slides"
+    shutil.copytree(cohort / "slides", slides)
+    for _ in range(2):
+        proc = run_cli("embed", str(slides), "--out", str(slides / "out"), *EMBED)
+        assert proc.returncode == 0, proc.stderr
+    assert "plain image file" not in proc.stderr
+
+
+def test_an_out_that_is_a_file_and_an_inspect_of_nothing_say_so(sample_slide, tmp_path):
+    target = tmp_path / "outfile"
+    target.write_text("x")
+    proc = run_cli("embed", str(sample_slide), "--out", str(target), *EMBED)
+    assert proc.returncode != 0 and proc.stderr.strip().endswith(
+        f"error: {target}: is a file, not a folder; --out takes a folder (new or existing)"), proc.stderr
+    assert target.read_text() == "x"
+    proc = run_cli("inspect", str(tmp_path / "nope.zarr"))
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"error: {tmp_path / 'nope.zarr'}: no such file or directory; give a <slide_id>.zarr folder")
