@@ -170,3 +170,99 @@ def test_an_out_that_is_a_file_and_an_inspect_of_nothing_say_so(sample_slide, tm
     proc = run_cli("inspect", str(tmp_path / "nope.zarr"))
     assert proc.returncode == 1 and proc.stderr.strip() == (
         f"error: {tmp_path / 'nope.zarr'}: no such file or directory; give a <slide_id>.zarr folder")
+
+
+# -- after kill -9: what the next run finds ---------------------------------------------------------
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _dead_suffix() -> str:
+    import socket
+
+    return f".tmp-{socket.gethostname()}-{_dead_pid()}-abcdef"
+
+
+@pytest.mark.parametrize("command", ["verify", "embed"])
+def test_a_store_moved_aside_by_a_killed_repair_is_put_back(cohort, tmp_path, command):
+    """`verify --repair` moves a damaged store aside while it rebuilds it; killed before its commit,
+    the next embed deleted the backup and the store's other (intact) encoder groups with it."""
+    out = _copy(cohort, tmp_path / "out")
+    backup = out / f".a.zarr.bad{_dead_suffix()}"
+    os.rename(out / "a.zarr", backup)
+    args = ("verify", str(out)) if command == "verify" else ("embed", str(cohort / "slides"), "--out", str(out), *EMBED)
+    proc = run_cli(*args)
+    _no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    assert not backup.exists() and verify_store(out / "a.zarr").ok
+    assert f"{out / 'a.zarr'}: put back as it was before a repair that was interrupted" in proc.stderr
+    if command == "embed":
+        assert "skipped a:" in proc.stdout
+
+
+def test_a_picture_a_killed_run_left_half_done_is_drawn_again_and_temporaries_go(cohort, tmp_path):
+    """Killed after its commit but while drawing the QC picture (a group added: the old picture's
+    caption lacks it), a run left the old picture and its temporary; the next run skipped the
+    store and kept both. The lock is now held until the picture is written."""
+    out = _copy(cohort, tmp_path / "out")
+    good = (out / "a.qc.png").read_bytes()
+    (out / "a.qc.png").write_bytes(good[: len(good) // 2])  # a picture that is not this store's
+    lock = out / ".a.lock"
+    lock.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": _dead_pid(),
+                                "started": 0, "token": "t0", "proc_start": None}))
+    stale = [out / f".a.qc.png{_dead_suffix()}", out / f".b.timm-test_vit.map.png{_dead_suffix()}",
+             out / f".report.html{_dead_suffix()}"]
+    for path in stale:
+        path.write_bytes(b"")
+    proc = run_cli("embed", str(cohort / "slides"), "--out", str(out), *EMBED)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped a:" in proc.stdout and not lock.exists()
+    assert (out / "a.qc.png").read_bytes() == good
+    assert not [p for p in stale if p.exists()]
+
+
+def test_a_changed_slide_mpp_is_another_grid(cohort, sample_slide, tmp_path):
+    """--slide-mpp was not part of the resume check: a folder silently held slides at two scales."""
+    out = _copy(cohort, tmp_path / "out")
+    proc = run_cli("embed", str(cohort / "slides" / "a.svs"), "--out", str(out), *EMBED, "--slide-mpp", "0.25")
+    assert proc.returncode == 1
+    assert (f"error: {out / 'a.zarr'}: exists with another slide pixel size (the slide's own 0.499 µm/px, asked "
+            "--slide-mpp 0.25); use --overwrite to rebuild it, or choose another --out") in proc.stderr
+    other = tmp_path / "other"
+    assert run_cli("embed", str(sample_slide), "--out", str(other), *EMBED, "--slide-mpp", "0.5").returncode == 0
+    proc = run_cli("embed", str(sample_slide), "--out", str(other), *EMBED)
+    assert proc.returncode == 1 and "(--slide-mpp 0.5, asked the slide's own pixel size)" in proc.stderr
+    proc = run_cli("embed", str(sample_slide), "--out", str(other), *EMBED, "--slide-mpp", "0.5")
+    assert proc.returncode == 0 and "skipped CMU-1-Small-Region:" in proc.stdout
+
+
+def test_verify_of_a_temporary_store_or_of_a_folder_without_a_finished_one(cohort, tmp_path):
+    out = _copy(cohort, tmp_path / "out")
+    temp = out / f".a.zarr{_dead_suffix()}"
+    shutil.copytree(out / "a.zarr", temp)
+    proc = run_cli("verify", str(temp), "--repair")
+    assert proc.returncode == 1 and proc.stderr.strip().startswith(f"error: {temp}: a temporary store of a run that "
+                                                                   "did not finish, not a store")
+    assert not list(out.glob(".a.zarr.tmp-*.zarr"))
+    early = tmp_path / "early"
+    early.mkdir()
+    shutil.copytree(out / "a.zarr", early / temp.name)
+    proc = run_cli("verify", str(early))
+    assert proc.returncode == 1 and "no finished store in it yet" in proc.stderr
+
+
+def test_a_loader_worker_killed_is_one_line():
+    """The DataLoader's error for a worker killed by the kernel (out of memory) was a traceback."""
+    from wsi_embed.errors import RunWideError
+    from wsi_embed.pipeline import _next_item
+
+    def killed():
+        raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+        yield
+
+    with pytest.raises(RunWideError, match=r"a loader worker process ended abruptly \(DataLoader worker \(pid\(s\) "
+                                           r"4242\) exited unexpectedly\); completed stores are kept: rerun to resume"):
+        _next_item(killed())
+    assert _next_item(iter([])) is None

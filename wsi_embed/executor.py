@@ -300,7 +300,10 @@ class Executor:
         if self.opts.qc:  # after the commit: no picture without its store; encoded off this thread
             path = qc_path_for(run.writer.final.parent, run.job.slide_id)
             result.qc = str(path)
-            self._writer.submit(_write_qc, run.qc_image, run.writer.final, path)
+            # the lock is held until the picture is in place: a run killed before that leaves its
+            # lock, and the next run, taking it over, draws the picture again
+            lock, run.lock = run.lock, None
+            self._writer.submit(_write_qc, run.qc_image, run.writer.final, path, lock)
 
     def _fail(self, run: SlideRun, error: str) -> None:
         run.failed = True
@@ -323,10 +326,13 @@ def _write_block(group, r0: int, c0: int, block: np.ndarray, dtype: str) -> None
     group.write_block(r0, c0, block.astype(dtype))
 
 
-def _write_qc(image, store, path) -> None:
+def _write_qc(image, store, path, lock=None) -> None:
     """A group added to an existing store has no picture yet: its caption (encoders, random
-    weights) is redrawn from the store."""
+    weights) is redrawn from the store. ``lock``: the slide's, released once the picture is written."""
     try:
         write_png_atomic(image if image is not None else render_store_qc(store), path)
     except (OSError, WsiEmbedError) as exc:
         log.warning("%s: store complete, but the QC picture could not be written (%s)", path.name, exc)
+    finally:
+        if lock is not None:
+            lock.release()

@@ -132,6 +132,7 @@ class SlideLock:
         self.owner = owner
         self._last_beat = time.monotonic()
         self.released = False
+        self.took_over = False  # taken from an owner judged dead, who may have left work half done
 
     def held(self) -> bool:
         """True while the lock file is still ours (nobody judged us dead and took it over)."""
@@ -290,6 +291,7 @@ def try_lock(out_dir: str | os.PathLike, slide_id: str, *,
     if not positive:
         raise InvalidOption(f"--lock-stale-after must be a positive number of seconds, got {stale_after}")
     path = lock_path(out_dir, slide_id)
+    took_over = False
     for _ in range(40):  # each round takes the lock, finds a live owner, or clears a stale one
         try:
             lock = _create(path)
@@ -301,6 +303,7 @@ def try_lock(out_dir: str | os.PathLike, slide_id: str, *,
                     "slide_id column", errno.ENAMETOOLONG) from exc
             raise
         if lock is not None:
+            lock.took_over = took_over
             return lock, None
         owner = _read_owner(path)
         reason = stale_reason(path, owner, stale_after)
@@ -309,4 +312,5 @@ def try_lock(out_dir: str | os.PathLike, slide_id: str, *,
         if reason != "gone":
             log.info("%s: taking over stale lock (%s)", path, reason)
             _take_over(path, owner, stale_after)
+            took_over = True
     return None, _read_owner(path)

@@ -34,7 +34,7 @@ from .qc import qc_path_for, qc_title, render_qc, render_store_qc, write_png_ato
 from .resume import options_conflict, Resume, plan_resume
 from .slide import ensure_intact, fingerprint, open_slide, resolve_mpp
 from .store import (StoreWriter, completed_encoders, damage_reason, ensure_writable, folders_to_make, read_guard,
-                    remove_if_empty, remove_stale_temporaries, store_path)
+                    remove_if_empty, remove_stale_temporaries, restore_interrupted_repair, store_path)
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,9 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
             if lock is not None:
                 with held_lock:  # several prep threads when slides are planned in processes
                     held[:] = [h for h in held if not h.released] + [lock]
-                # another process may have finished it between our check and the lock
+                # another process may have finished it between our check and the lock, or a
+                # repair killed mid-way may have left it moved aside
+                restore_interrupted_repair(out_dir, job.slide_id)
                 resume = plan_resume(out_dir, job, models_.names, weights, overwrite=opts.overwrite,
                                      verify=opts.verify, options=opts)
             elif resume.error is None:  # another live process is embedding it: not a failure
@@ -338,7 +340,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
         items = iter(loader)  # starts the workers and primes them (this prepares the first slide)
         while True:
             t0 = time.perf_counter()
-            item = next(items, None)
+            item = _next_item(items)
             stats.wait_s += time.perf_counter() - t0
             if item is None:
                 break
@@ -409,6 +411,18 @@ def _lock(out_dir: Path, job: SlideJob, opts: EmbedOptions):
                                 "check the output directory (free space, permissions)") from exc
 
 
+def _next_item(items):
+    """The loader's next item, or None at the end. A loader worker that was killed (the kernel's
+    out-of-memory killer, a user) stops the run with one line; the slides already done are kept."""
+    try:
+        return next(items, None)
+    except RuntimeError as exc:
+        if "DataLoader worker" not in str(exc):
+            raise
+        raise RunWideError(f"a loader worker process ended abruptly ({str(exc).strip()}); completed stores are "
+                           "kept: rerun to resume, with fewer --workers if the machine ran out of memory") from exc
+
+
 def _tidy_complete(out_dir: Path, job: SlideJob, opts: EmbedOptions, lock) -> None:
     """A complete store skipped on resume: clear what a killed owner left (its lock, temporaries)
     and draw a missing QC picture. Two stats when there is nothing to do."""
@@ -425,7 +439,7 @@ def _tidy_complete(out_dir: Path, job: SlideJob, opts: EmbedOptions, lock) -> No
             return
     try:
         remove_stale_temporaries(out_dir, job.slide_id)
-        if opts.qc and not qc_path.exists():
+        if opts.qc and (lock.took_over or not qc_path.exists()):  # its owner may have died mid-picture
             write_png_atomic(render_store_qc(store_path(out_dir, job.slide_id)), qc_path)
     except (OSError, WsiEmbedError) as exc:
         log.warning("%s: could not draw the missing QC picture (%s)", job.slide_id, exc)

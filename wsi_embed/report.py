@@ -34,7 +34,7 @@ from . import __version__
 from .atomic import write_atomic
 from .machine import machine_info
 from .errors import WsiEmbedError
-from .store import completed_encoders, group_name, is_temporary, store_slide_id
+from .store import completed_encoders, group_name, is_temporary, remove_stale_pictures, store_slide_id
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ def finish_run(out_dir: str | os.PathLike, summary, *, maps: bool = True, cluste
     is one warning line (logged, and in :attr:`RunExtras.warnings`)."""
     out_dir = Path(out_dir).absolute()
     extras = RunExtras()
+    for path in remove_stale_pictures(out_dir):
+        log.info("removed %s, left by a run that ended", path)
     try:
         append_run(out_dir, run_record(summary))
     except OSError as exc:
@@ -116,8 +118,13 @@ def finish_run(out_dir: str | os.PathLike, summary, *, maps: bool = True, cluste
         def lacks_a_map(r) -> bool:  # e.g. done just before an interrupt: the resumed run draws it
             return any(not map_path_for(out_dir, r.slide_id, enc).exists() for enc in r.encoders)
 
-        stores = [r.store for r in summary.results
-                  if r.store and (r.status == "done" or (r.status == "skipped" and lacks_a_map(r)))]
+        complete = [r for r in summary.results if r.store and r.status in ("done", "skipped")]
+        if any(r.status == "skipped" and lacks_a_map(r) for r in complete):
+            # a run stopped before its maps: draw them all again, fitted on the same slides as
+            # that run would have, so one colour still means one embedding on every slide
+            stores = [r.store for r in complete]
+        else:
+            stores = [r.store for r in complete if r.status == "done"]
         try:
             result = write_maps(stores, clusters=clusters, cohort=True)
             extras.maps = result.written

@@ -104,6 +104,15 @@ def options_conflict(store: Path, attrs: dict, job: SlideJob, opts) -> str | Non
     if None in have or not all(math.isclose(a, b) for a, b in zip(wanted, have)):
         return (f"{store}: exists with another grid (mpp, patch, stride, min-tissue = {have}, asked {wanted}); "
                 "use --overwrite to rebuild it or choose another --out")
+    slide = dict(attrs.get("slide", {}))
+    if slide.get("mpp_source"):  # the slide's pixel size sets the grid as much as --mpp does
+        was = slide.get("mpp") if slide["mpp_source"] == "override" else None
+        now = job.slide_mpp
+        if (was is None) != (now is None) or (now is not None and not math.isclose(float(was), now, rel_tol=1e-6)):
+            said = f"--slide-mpp {was:g}" if was is not None else f"the slide's own {slide.get('mpp') or '?'} µm/px"
+            asked_for = f"--slide-mpp {now:g}" if now is not None else "the slide's own pixel size"
+            return (f"{store}: exists with another slide pixel size ({said}, asked {asked_for}); "
+                    "use --overwrite to rebuild it, or choose another --out")
     differences = []
     if "pen_marks" in tissue and tissue["pen_marks"] != opts.tissue.pen_marks:
         differences.append(f"--pen-marks {tissue['pen_marks']}")

@@ -367,6 +367,27 @@ def repair_backup_path(store: Path) -> Path:
     return store.with_name(f".{store.name}.bad{tmp_suffix()}")
 
 
+def restore_repair_backup(backup: Path) -> Path | None:
+    """Put back the store a repair that died had moved aside, when nothing took its place (its
+    other encoder groups may be intact); the store, or None when a store is there already (the
+    repair got as far as its commit, and the backup is stale). Callers hold the slide's lock."""
+    name = backup.name
+    final = backup.with_name(name[1 : name.rindex(f".bad{TMP_MARK}")])
+    if final.exists():
+        return None
+    os.rename(backup, final)
+    log.warning("%s: put back as it was before a repair that was interrupted; check it with wsi-embed verify", final)
+    return final
+
+
+def restore_interrupted_repair(out_dir: Path, slide_id: str) -> Path | None:
+    """:func:`restore_repair_backup` for the backup of this slide whose repair died, if any."""
+    for backup in Path(out_dir).glob(f".{glob.escape(slide_id)}.zarr.bad{TMP_MARK}*"):
+        if owner_gone(backup.name):
+            return restore_repair_backup(backup)
+    return None
+
+
 def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list[Path]:
     """Delete temporaries left by killed runs (callers must hold the slide's lock, if any): temporary
     stores, swapped-out old stores, temporary QC pictures, temporary groups inside a store, and the
@@ -379,6 +400,8 @@ def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list
         for path in out_dir.glob(pattern):
             if (".zarr.bad" in pattern or ".png" in pattern and ".qc.png" not in pattern) and not owner_gone(path.name):
                 continue  # a repair's backup, or maps another live run is drawing (maps are not locked)
+            if ".zarr.bad" in pattern and restore_repair_backup(path):
+                continue
             if path.is_dir():
                 _remove(path)
             else:
@@ -389,6 +412,19 @@ def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list
         if store.is_dir():
             for path in store.glob(f".*{TMP_MARK}*"):
                 _remove(path)
+                removed.append(path)
+    return removed
+
+
+def remove_stale_pictures(out_dir: Path) -> list[Path]:
+    """Delete the temporary pictures and pages (QC, maps, report) of runs whose process has ended:
+    a store skipped as complete is otherwise never tidied of them."""
+    removed = []
+    for pattern in (f".*.qc.png{TMP_MARK}*", f".*.map.png{TMP_MARK}*", f".*.clusters.png{TMP_MARK}*",
+                    f".*.html{TMP_MARK}*"):
+        for path in Path(out_dir).glob(pattern):
+            if path.is_file() and owner_gone(path.name):
+                path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
 

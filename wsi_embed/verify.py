@@ -30,9 +30,10 @@ import numpy as np
 import zarr
 
 from .errors import WsiEmbedError
+from .atomic import TMP_MARK, owner_gone
 from .store import (GEOMETRY_ARRAYS, OPTIONAL_ARRAYS, _read_array, _read_group, _remove, damage_reason,
                     expected_optional_arrays, group_dirs, has_checksums, is_temporary, refuse_inside_a_store,
-                    repair_backup_path, repair_hint, settle_zarr_reads, store_slide_id)
+                    repair_backup_path, repair_hint, restore_repair_backup, settle_zarr_reads, store_slide_id)
 
 log = logging.getLogger(__name__)
 
@@ -450,15 +451,39 @@ def find_stores(target: str | os.PathLike) -> list[Path]:
     if not target.exists():
         raise WsiEmbedError(f"{target}: no such file or directory; give an output folder or a store")
     refuse_inside_a_store(target)
+    if is_temporary(target.name):
+        raise WsiEmbedError(f"{target}: a temporary store of a run that did not finish, not a store; rerun "
+                            "wsi-embed embed (or verify --repair) on its folder, which finishes or removes it")
     if target.name.endswith(".zarr") or (target / "zarr.json").exists():
         return [target]
     if not target.is_dir():
         raise WsiEmbedError(f"{target}: not a folder; give an output folder of wsi-embed embed or a <slide_id>.zarr store")
+    _restore_interrupted_repairs(target)
     stores = sorted(p for p in target.iterdir() if p.name.endswith(".zarr") and p.is_dir()
                     and not is_temporary(p.name) and not p.name.startswith("."))
     if not stores:
+        if any(is_temporary(p.name) for p in target.glob(".*.zarr*")) or (target / "manifest.csv").exists():
+            raise WsiEmbedError(f"{target}: no finished store in it yet (a run stopped before its first slide was "
+                                "done); rerun wsi-embed embed with the same options to resume")
         raise WsiEmbedError(f"{target}: no *.zarr stores in it; give the folder passed to wsi-embed embed --out")
     return stores
+
+
+def _restore_interrupted_repairs(folder: Path) -> None:
+    """A repair killed before its commit left the damaged store moved aside, and no store in its
+    place: put it back (under the slide's lock), so it is verified, and repaired, again."""
+    from .locks import try_lock
+
+    for backup in folder.glob(f".*.zarr.bad{TMP_MARK}*"):
+        if not owner_gone(backup.name):
+            continue
+        try:
+            lock, _ = try_lock(folder, backup.name[1 : backup.name.rindex(".zarr.bad")])
+            if lock is not None:
+                with lock:
+                    restore_repair_backup(backup)
+        except (OSError, WsiEmbedError) as exc:  # left for the next embed of that slide
+            log.warning("%s: could not be put back (%s)", backup, exc)
 
 
 # -- repair ----------------------------------------------------------------------------------------
