@@ -201,14 +201,19 @@ def test_temporary_names_start_with_a_dot(reference, tmp_path):
     shutil.copytree(reference, temporary)
     with pytest.raises(IncompleteStore, match="temporary"):
         open_store(temporary)
-    # a repair's backup of a damaged store is kept while its process lives, removed once it has died
+    # a repair's backup of a damaged store is kept while its process lives; once it has died, it is
+    # put back where no store took its place, and removed where one did (the repair committed)
     host = socket.gethostname()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     live = tmp_path / f".scan.zarr.bad.tmp-{host}-{os.getpid()}-abcdef"
     stale = tmp_path / f".scan.zarr.bad.tmp-{host}-{dead.stdout.strip()}-abcdef"
     live.mkdir(), stale.mkdir()
-    assert remove_stale_temporaries(tmp_path, "scan") == [temporary, stale]
-    assert live.exists() and not stale.exists()
+    (stale / "marker").write_text("the moved-aside store")
+    assert remove_stale_temporaries(tmp_path, "scan") == [temporary]
+    assert live.exists() and not stale.exists() and (tmp_path / "scan.zarr" / "marker").is_file()
+    stale.mkdir()
+    assert remove_stale_temporaries(tmp_path, "scan") == [stale]
+    assert live.exists() and not stale.exists() and (tmp_path / "scan.zarr" / "marker").is_file()
 
 
 def test_verify_of_a_wrong_path_is_one_line(tmp_path):

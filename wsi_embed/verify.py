@@ -90,7 +90,10 @@ class StoreReport:
         return ", ".join(parts)
 
     def line(self) -> str:
-        return f"ok       {self.path}" if self.ok else f"damaged  {self.path}: {self.summary()}"
+        if self.ok:
+            return f"ok       {self.path}"
+        # what --repair cannot fix is said here, where the summary line points
+        return f"damaged  {self.path}: {self.summary()}" + (f"; {self.fix()}" if self.unrepairable else "")
 
     def fix(self) -> str:
         """What to do about the damage."""

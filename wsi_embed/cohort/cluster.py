@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields, replace
@@ -69,8 +70,30 @@ def check_cluster(cluster: str) -> None:
                                 "(e.g. after `module load slurm`), or use --cluster local")
         if importlib.util.find_spec("dask_jobqueue") is None:
             raise InvalidOption("--cluster slurm needs dask-jobqueue; install it (pip install dask-jobqueue)")
+        problem = _slurm_unreachable()
+        if problem:
+            raise InvalidOption(f"--cluster slurm: SLURM's controller does not answer here ({problem}); check that "
+                                "`sinfo` works on this node, or use --cluster local")
     elif cluster != "local" and "://" not in cluster:
         raise InvalidOption(f"--cluster {cluster!r}: use local, slurm or a scheduler address (tcp://host:8786)")
+
+
+def _slurm_unreachable(timeout: float = 30.0) -> str | None:
+    """Why ``sinfo`` cannot reach the controller, or None (also when there is no ``sinfo``): without
+    this, dask-jobqueue's sbatch calls fail in tracebacks until the worker timeout runs out."""
+    sinfo = shutil.which("sinfo")
+    if sinfo is None:
+        return None
+    try:
+        proc = subprocess.run([sinfo, "-h", "-o", "%P"], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"sinfo gave no answer in {timeout:.0f} s"
+    except OSError as exc:
+        return f"sinfo cannot run: {exc.strerror or exc}"
+    if proc.returncode != 0:
+        first = next((ln.strip() for ln in proc.stderr.splitlines() if ln.strip()), f"exit status {proc.returncode}")
+        return f"sinfo: {first[:200]}"
+    return None
 
 
 # -- clusters ----------------------------------------------------------------------------------
