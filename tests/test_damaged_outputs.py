@@ -115,9 +115,10 @@ def test_a_store_without_its_encoder_group_is_damaged_beyond_repair(cohort, tmp_
     assert run_cli("inspect", str(out / "a.zarr")).returncode == 1
 
 
-def test_a_rerun_redoes_a_store_with_unreadable_geometry_and_survives_a_damaged_picture(cohort, tmp_path):
+def test_a_rerun_fails_a_store_with_unreadable_geometry_and_survives_a_damaged_picture(cohort, tmp_path):
     """With its QC picture gone, a store whose mask metadata was cut (a) or whose thumbnail fails
-    its checksum (b) crashed the whole rerun while the picture was drawn again."""
+    its checksum (b) crashed the whole rerun while the picture was drawn again; (a) with its picture
+    was skipped as complete. (a) now fails with the repair that rebuilds it with all its groups."""
     out = _copy(cohort, tmp_path / "out")
     meta = out / "a.zarr" / "mask" / "zarr.json"
     meta.write_text(meta.read_text()[:100])
@@ -129,8 +130,12 @@ def test_a_rerun_redoes_a_store_with_unreadable_geometry_and_survives_a_damaged_
         (out / f"{name}.qc.png").unlink()
     proc = run_cli("embed", str(cohort / "slides"), "--out", str(out), *EMBED)
     _no_traceback(proc)
-    assert proc.returncode == 0, proc.stderr
-    assert "done    a:" in proc.stdout and "skipped b:" in proc.stdout and "skipped c:" in proc.stdout
+    assert proc.returncode == 1, proc.stderr
+    assert "skipped b:" in proc.stdout and "skipped c:" in proc.stdout
+    assert (f"error: {out / 'a.zarr'}: damaged (mask metadata cannot be read); repair it with: wsi-embed verify "
+            f"{out / 'a.zarr'} --repair") in proc.stderr
+    repair = run_cli("verify", str(out / "a.zarr"), "--repair")
+    assert repair.returncode == 0, repair.stdout + repair.stderr
     assert verify_store(out / "a.zarr").ok and (out / "a.qc.png").is_file()
     assert (f"b: could not draw the missing QC picture (a chunk fails its checksum); the store looks damaged: "
             f"check it with wsi-embed verify {out / 'b.zarr'}") in proc.stderr
@@ -266,3 +271,32 @@ def test_a_loader_worker_killed_is_one_line():
                                            r"4242\) exited unexpectedly\); completed stores are kept: rerun to resume"):
         _next_item(killed())
     assert _next_item(iter([])) is None
+
+
+def test_a_repair_backup_holding_groups_the_store_lacks_is_kept(tmp_path):
+    """A repair that died between the commits of two encoder groups: the store is back with one,
+    and the backup, holding the other, is kept instead of being deleted as stale."""
+    from wsi_embed.store import remove_stale_temporaries
+
+    (tmp_path / "s.zarr" / "timm-a").mkdir(parents=True)
+    backup = tmp_path / f".s.zarr.bad{_dead_suffix()}"
+    for group in ("timm-a", "timm-b"):
+        (backup / group).mkdir(parents=True)
+    assert remove_stale_temporaries(tmp_path, "s") == [] and backup.is_dir()
+    (tmp_path / "s.zarr" / "timm-b").mkdir()  # both groups back: the backup is stale now
+    assert remove_stale_temporaries(tmp_path, "s") == [backup] and not backup.exists()
+
+
+def test_a_current_export_is_not_read_again(cohort, tmp_path):
+    """Files exported from the very same store are skipped before the store is checked chunk by
+    chunk (a rerun over 10k done slides must not read them all again)."""
+    out = _copy(cohort, tmp_path / "out")
+    to = tmp_path / "to"
+    assert run_cli("export", str(out), "--format", "clam", "--encoder", VIT, "--to", str(to)).returncode == 0
+    chunk = next(p for p in (out / "a.zarr" / "timm-test_vit" / "embeddings" / "c").rglob("*") if p.is_file())
+    chunk.unlink()  # damage only a full read shows; the exported file holds the embeddings as they were
+    proc = run_cli("export", str(out), "--format", "clam", "--encoder", VIT, "--to", str(to))
+    assert proc.returncode == 0 and proc.stdout.splitlines()[0].startswith("skipped a: up to date at"), proc.stdout
+    (to / "h5_files" / "a.h5").unlink()  # now a is exported again, and its damage is found
+    proc = run_cli("export", str(out), "--format", "clam", "--encoder", VIT, "--to", str(to))
+    assert proc.returncode == 1 and proc.stdout.splitlines()[0].startswith(f"error: {out / 'a.zarr'}: damaged")

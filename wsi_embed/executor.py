@@ -268,6 +268,8 @@ class Executor:
             except OSError as exc:  # e.g. a full disk while writing or committing
                 self._fail(run, str(store_write_error(run.job.path, run.writer.final, exc)))
             except RuntimeError as exc:  # an internal inconsistency: this slide fails loudly
+                if "DataLoader worker" in str(exc):  # a killed worker, raised here by torch: not this slide's
+                    raise
                 log.exception("internal error finishing %s", run.job.path)
                 self._fail(run, f"{run.job.path}: internal error ({exc}); please report it")
         release(run)  # only after the store is renamed into place (or cleaned up)
@@ -330,9 +332,14 @@ def _write_qc(image, store, path, lock=None) -> None:
     """A group added to an existing store has no picture yet: its caption (encoders, random
     weights) is redrawn from the store. ``lock``: the slide's, released once the picture is written."""
     try:
+        if lock is not None:
+            lock.heartbeat(force=True)  # it waited behind other slides' writes
         write_png_atomic(image if image is not None else render_store_qc(store), path)
     except (OSError, WsiEmbedError) as exc:
         log.warning("%s: store complete, but the QC picture could not be written (%s)", path.name, exc)
+    except Exception as exc:  # noqa: BLE001 - a damaged store read back: said, never lost in the future
+        log.warning("%s: store complete, but the QC picture could not be drawn (%s: %s)", path.name,
+                    type(exc).__name__, exc)
     finally:
         if lock is not None:
             lock.release()

@@ -378,14 +378,16 @@ def _export_each(stores: list[Path], writer: _Writer, encoder: str) -> Iterator[
 def export_one(store: Path, slide_id: str, writer: _Writer, encoder: str) -> ExportResult:
     try:
         opened = open_store(store)
-        enc = opened.encoder_attrs(encoder)  # a missing or unfinished group: rerun embed
+        s = _Slide(slide_id, store, encoder, opened.attrs, opened.encoder_attrs(encoder))  # group missing: rerun embed
+        try:
+            done = writer.current(s)
+        except (KeyError, TypeError, ValueError):  # attrs damaged: verify says how, below
+            done = None
+        if done is not None:  # files written from this very store: nothing is read again
+            return ExportResult(slide_id, "skipped", done, note=f"up to date at {done}")
         report = verify_store(store, groups=[group_name(encoder)])
         if not report.ok:  # what verify calls damaged is not exported, whatever part the format reads
             return ExportResult(slide_id, "failed", error=report.error_line())
-        s = _Slide(slide_id, store, encoder, opened.attrs, enc)
-        done = writer.current(s)
-        if done is not None:
-            return ExportResult(slide_id, "skipped", done, note=f"up to date at {done}")
         features, xy = opened.bag(encoder)
         if not len(xy) and not writer.writes_empty:
             return ExportResult(slide_id, "skipped", note="no embedded cells; this format has no file for it")

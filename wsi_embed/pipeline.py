@@ -257,7 +257,10 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
                     held[:] = [h for h in held if not h.released] + [lock]
                 # another process may have finished it between our check and the lock, or a
                 # repair killed mid-way may have left it moved aside
-                restore_interrupted_repair(out_dir, job.slide_id)
+                try:
+                    restore_interrupted_repair(out_dir, job.slide_id)
+                except OSError as exc:  # left for a later run; this slide goes on as if it were not there
+                    log.warning("%s: a repair's backup could not be put back (%s)", job.slide_id, exc)
                 resume = plan_resume(out_dir, job, models_.names, weights, overwrite=opts.overwrite,
                                      verify=opts.verify, options=opts)
             elif resume.error is None:  # another live process is embedding it: not a failure
@@ -376,6 +379,8 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
     except RunWideError:  # e.g. the weights are missing: nothing was written
         remove_if_empty(made)
         raise
+    except RuntimeError as exc:  # torch raises a dead worker's error wherever this thread is
+        raise _worker_died(exc) or exc
     finally:
         stats.total_s = time.perf_counter() - started
         stats.device_s = executor.clock.seconds()
@@ -412,15 +417,20 @@ def _lock(out_dir: Path, job: SlideJob, opts: EmbedOptions):
 
 
 def _next_item(items):
-    """The loader's next item, or None at the end. A loader worker that was killed (the kernel's
-    out-of-memory killer, a user) stops the run with one line; the slides already done are kept."""
+    """The loader's next item, or None at the end."""
     try:
         return next(items, None)
     except RuntimeError as exc:
-        if "DataLoader worker" not in str(exc):
-            raise
-        raise RunWideError(f"a loader worker process ended abruptly ({str(exc).strip()}); completed stores are "
-                           "kept: rerun to resume, with fewer --workers if the machine ran out of memory") from exc
+        raise _worker_died(exc) or exc
+
+
+def _worker_died(exc: RuntimeError) -> RunWideError | None:
+    """A loader worker that was killed (the kernel's out-of-memory killer, a user) stops the run with
+    one line; the slides already done are kept. None for any other RuntimeError."""
+    if "DataLoader worker" not in str(exc):
+        return None
+    return RunWideError(f"a loader worker process ended abruptly ({str(exc).strip()}); completed stores are "
+                        "kept: rerun to resume, with fewer --workers if the machine ran out of memory")
 
 
 def _tidy_complete(out_dir: Path, job: SlideJob, opts: EmbedOptions, lock) -> None:

@@ -116,7 +116,7 @@ def finish_run(out_dir: str | os.PathLike, summary, *, maps: bool = True, cluste
         from .maps import map_path_for, write_maps
 
         def lacks_a_map(r) -> bool:  # e.g. done just before an interrupt: the resumed run draws it
-            return any(not map_path_for(out_dir, r.slide_id, enc).exists() for enc in r.encoders)
+            return r.cells > 0 and any(not map_path_for(out_dir, r.slide_id, enc).exists() for enc in r.encoders)
 
         complete = [r for r in summary.results if r.store and r.status in ("done", "skipped")]
         if any(r.status == "skipped" and lacks_a_map(r) for r in complete):

@@ -174,9 +174,13 @@ def plan_resume(out_dir: Path, job: SlideJob, names: Sequence[str], weights: str
     conflict = options_conflict(store, root_attrs, job, options) if options is not None else None
     if conflict:
         return Resume(error=conflict)
-    broken = unreadable_geometry(store)
-    if broken:  # its grid cannot be reused: the store is rebuilt, as one whose root metadata is lost
-        return Resume(names, f"its {', '.join(broken)} metadata could not be read", rebuild=True)
+    try:
+        broken = unreadable_geometry(store)
+    except OSError as exc:
+        return Resume(error=f"{store}: cannot be read ({exc.strerror or exc}); check the disk, then rerun")
+    if broken:  # neither skipped nor rebuilt here: a rebuild with this run's encoders would drop the others
+        return Resume(error=f"{store}: damaged ({', '.join(broken)} metadata cannot be read); "
+                            f"repair it with: wsi-embed verify {store} --repair")
     todo, notes = [n for n in names if n not in done], []
     lost = [n for n in todo if (store / group_name(n)).is_dir()]  # a group there, but unreadable or unfinished
     if lost:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import json
 import logging
 import os
 import shutil
@@ -380,6 +381,19 @@ def restore_repair_backup(backup: Path) -> Path | None:
     return final
 
 
+def _holds_more_groups(backup: Path) -> bool:
+    """A repair that died between two of its commits: the store is back, but without some of the
+    backup's encoder groups. The backup is kept (and said) rather than lost."""
+    name = backup.name
+    final = backup.with_name(name[1 : name.rindex(f".bad{TMP_MARK}")])
+    missing = sorted(set(group_dirs(backup)) - set(group_dirs(final)))
+    if missing:
+        log.warning("%s: kept: the store a repair was rebuilding when it stopped, holding encoder groups %s that "
+                    "%s lacks; re-embed those with wsi-embed embed --model, then delete it", backup,
+                    ", ".join(missing), final)
+    return bool(missing)
+
+
 def restore_interrupted_repair(out_dir: Path, slide_id: str) -> Path | None:
     """:func:`restore_repair_backup` for the backup of this slide whose repair died, if any."""
     for backup in Path(out_dir).glob(f".{glob.escape(slide_id)}.zarr.bad{TMP_MARK}*"):
@@ -400,7 +414,7 @@ def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list
         for path in out_dir.glob(pattern):
             if (".zarr.bad" in pattern or ".png" in pattern and ".qc.png" not in pattern) and not owner_gone(path.name):
                 continue  # a repair's backup, or maps another live run is drawing (maps are not locked)
-            if ".zarr.bad" in pattern and restore_repair_backup(path):
+            if ".zarr.bad" in pattern and (restore_repair_backup(path) or _holds_more_groups(path)):
                 continue
             if path.is_dir():
                 _remove(path)
@@ -421,11 +435,14 @@ def remove_stale_pictures(out_dir: Path) -> list[Path]:
     a store skipped as complete is otherwise never tidied of them."""
     removed = []
     for pattern in (f".*.qc.png{TMP_MARK}*", f".*.map.png{TMP_MARK}*", f".*.clusters.png{TMP_MARK}*",
-                    f".*.html{TMP_MARK}*"):
+                    f".*.attention.png{TMP_MARK}*", f".*.html{TMP_MARK}*"):
         for path in Path(out_dir).glob(pattern):
             if path.is_file() and owner_gone(path.name):
-                path.unlink(missing_ok=True)
-                removed.append(path)
+                try:
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+                except OSError as exc:  # another user's, in a shared folder: not ours to fail on
+                    log.warning("%s: left by a run that ended, cannot be removed (%s)", path, exc.strerror or exc)
     return removed
 
 
@@ -521,13 +538,16 @@ def group_dirs(path: Path) -> list[str]:
 
 
 def unreadable_geometry(path: Path) -> list[str]:
-    """Geometry arrays of a store whose metadata is missing or cannot be read (a store with them
-    cannot be resumed into: its grid is lost)."""
+    """Geometry arrays of a store whose metadata is missing or is not an array's (read as plain
+    JSON: this runs on every resume check). I/O errors are raised, not taken for damage."""
     names = []
     for name in GEOMETRY_ARRAYS:
         try:
-            _read_array(Path(path) / name)
-        except Exception:  # noqa: BLE001 - any damage means the same: rebuild
+            meta = json.loads((Path(path) / name / "zarr.json").read_bytes())
+            ok = isinstance(meta, dict) and meta.get("node_type") == "array" and isinstance(meta.get("shape"), list)
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            ok = False
+        if not ok:
             names.append(name)
     return names
 

@@ -465,9 +465,12 @@ def find_stores(target: str | os.PathLike) -> list[Path]:
     stores = sorted(p for p in target.iterdir() if p.name.endswith(".zarr") and p.is_dir()
                     and not is_temporary(p.name) and not p.name.startswith("."))
     if not stores:
-        if any(is_temporary(p.name) for p in target.glob(".*.zarr*")) or (target / "manifest.csv").exists():
+        if any(is_temporary(p.name) for p in target.glob(".*.zarr*")):
             raise WsiEmbedError(f"{target}: no finished store in it yet (a run stopped before its first slide was "
                                 "done); rerun wsi-embed embed with the same options to resume")
+        if (target / "manifest.csv").exists():
+            raise WsiEmbedError(f"{target}: no stores in it; its manifest.csv (or report.html) says why each slide "
+                                "has none")
         raise WsiEmbedError(f"{target}: no *.zarr stores in it; give the folder passed to wsi-embed embed --out")
     return stores
 

@@ -15,6 +15,7 @@ cluster starts).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -78,6 +79,7 @@ def check_cluster(cluster: str) -> None:
         raise InvalidOption(f"--cluster {cluster!r}: use local, slurm or a scheduler address (tcp://host:8786)")
 
 
+@functools.lru_cache(maxsize=1)  # check_cluster runs from the CLI and from each driver
 def _slurm_unreachable(timeout: float = 30.0) -> str | None:
     """Why ``sinfo`` cannot reach the controller, or None (also when there is no ``sinfo``): without
     this, dask-jobqueue's sbatch calls fail in tracebacks until the worker timeout runs out."""
