@@ -368,12 +368,16 @@ def repair_backup_path(store: Path) -> Path:
     return store.with_name(f".{store.name}.bad{tmp_suffix()}")
 
 
+def _store_of_backup(backup: Path) -> Path:
+    """``.<id>.zarr.bad.tmp-*`` -> ``<id>.zarr`` (see :func:`repair_backup_path`)."""
+    return backup.with_name(backup.name[1 : backup.name.rindex(f".bad{TMP_MARK}")])
+
+
 def restore_repair_backup(backup: Path) -> Path | None:
     """Put back the store a repair that died had moved aside, when nothing took its place (its
     other encoder groups may be intact); the store, or None when a store is there already (the
     repair got as far as its commit, and the backup is stale). Callers hold the slide's lock."""
-    name = backup.name
-    final = backup.with_name(name[1 : name.rindex(f".bad{TMP_MARK}")])
+    final = _store_of_backup(backup)
     if final.exists():
         return None
     os.rename(backup, final)
@@ -384,8 +388,7 @@ def restore_repair_backup(backup: Path) -> Path | None:
 def _holds_more_groups(backup: Path) -> bool:
     """A repair that died between two of its commits: the store is back, but without some of the
     backup's encoder groups. The backup is kept (and said) rather than lost."""
-    name = backup.name
-    final = backup.with_name(name[1 : name.rindex(f".bad{TMP_MARK}")])
+    final = _store_of_backup(backup)
     missing = sorted(set(group_dirs(backup)) - set(group_dirs(final)))
     if missing:
         log.warning("%s: kept: the store a repair was rebuilding when it stopped, holding encoder groups %s that "
