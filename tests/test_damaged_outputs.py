@@ -300,3 +300,26 @@ def test_a_current_export_is_not_read_again(cohort, tmp_path):
     (to / "h5_files" / "a.h5").unlink()  # now a is exported again, and its damage is found
     proc = run_cli("export", str(out), "--format", "clam", "--encoder", VIT, "--to", str(to))
     assert proc.returncode == 1 and proc.stdout.splitlines()[0].startswith(f"error: {out / 'a.zarr'}: damaged")
+
+
+def test_the_report_does_not_call_a_slide_complete_whose_locking_run_died(cohort, tmp_path):
+    """Two runs at once, the first killed: the survivor skipped its slides as locked, and the report
+    then counted them as complete before, though they have no store."""
+    import csv
+
+    out = _copy(cohort, tmp_path / "out")
+    shutil.rmtree(out / "c.zarr")
+    with (out / "manifest.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    # the killed run wrote no row for c; the survivor wrote only that c was locked
+    locked = {**rows[-1], "slide_id": "c", "status": "skipped", "note": f"locked by somehost:{_dead_pid()}",
+              "cells": "", "seconds": "", "store": "", "error": ""}
+    with (out / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([r for r in rows if r["slide_id"] != "c"] + [locked])
+    proc = run_cli("report", str(out))
+    assert proc.returncode == 0, proc.stderr
+    page = (out / "report.html").read_text()
+    assert "3: 2 done, 0 skipped (complete before), 1 failed" in page
+    assert f"{out / 'c'}.zarr: not embedded: the run that held it (somehost:" in page

@@ -277,6 +277,12 @@ def _remove_lock(path: Path) -> None:
         log.info("%s: removed an empty directory at the lock's path", path)
 
 
+def held_by_a_live_run(out_dir: str | os.PathLike, slide_id: str, stale_after: float = DEFAULT_STALE_AFTER) -> bool:
+    """The slide's lock exists and its owner is alive (not stale)."""
+    path = lock_path(out_dir, slide_id)
+    return path.exists() and stale_reason(path, _read_owner(path), stale_after) is None
+
+
 def try_lock(out_dir: str | os.PathLike, slide_id: str, *,
              stale_after: float = DEFAULT_STALE_AFTER) -> tuple[SlideLock | None, LockOwner | None]:
     """Take the slide's lock without waiting.

@@ -34,6 +34,7 @@ from . import __version__
 from .atomic import write_atomic
 from .machine import machine_info
 from .errors import WsiEmbedError
+from .locks import held_by_a_live_run
 from .store import completed_encoders, group_name, is_temporary, remove_stale_pictures, store_slide_id
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,12 @@ def collect(out_dir: Path, *, attention: str | os.PathLike | None = None,
             problem = _store_problem(out_dir, f"{sid}.zarr", encs, names)
             if problem:
                 r.status, r.error, r.fix = "failed", problem, split_fix(problem)
+        elif r.status == "skipped" and r.note.startswith("locked by") and f"{sid}.zarr" not in names \
+                and not held_by_a_live_run(out_dir, sid):  # the run it waited for died without a store
+            r.status, r.error = "failed", (f"{out_dir / sid}.zarr: not embedded: the run that held it "
+                                           f"({r.note[len('locked by '):]}) ended before finishing it; rerun "
+                                           "wsi-embed embed on this slide")
+            r.fix = split_fix(r.error)
         if r.status == "failed":
             r.cells = r.seconds = None
         if f"{sid}.qc.png" in names:
