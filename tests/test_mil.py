@@ -433,3 +433,51 @@ def test_a_second_run_into_the_same_out_leaves_no_outputs_of_the_first(cohort, t
     held_out = {s for f in results["folds"] for s in f["test_slides"]}
     assert {p.name.split(".")[0] for p in (out / "attention").glob("*.attention.png")} == held_out
     assert (out / "notes.txt").read_text() == "mine"  # only the script's own files are replaced
+
+
+# -- labels files as researchers' spreadsheets write them -------------------------------------------
+
+@pytest.mark.parametrize("name", ["bcr_patient_barcode", "participant_id", "donor_id", "MRN", "case_barcode",
+                                  "Case ID", "individual"])
+def test_patient_columns_under_common_names_are_refused(cohort, tmp_path, name):
+    """TCGA's bcr_patient_barcode and the like were ignored silently: one patient in two folds."""
+    rows = [[r["slide_id"], i % 2, f"P{i // 2}"] for i, r in enumerate(cohort["slides"])]
+    with pytest.raises(LabelsError, match=f"column '{name}' looks like a patient column"):
+        read_labels(write_csv(tmp_path / "p.csv", ["slide_id", "label", name], rows))
+    kept = read_labels(write_csv(tmp_path / "ok.csv", ["slide_id", "label", "stain_batch", "showcase"],
+                                 [row + ["b1"] for row in rows]))
+    assert len(kept.slide_ids) == len(rows)
+
+
+def test_missing_label_markers_are_left_out_not_a_class(cohort, tmp_path, caplog):
+    marks = ["0", "1", "NA", "0", "1", "#N/A", "nan", "1"]
+    rows = [[r["slide_id"], marks[i]] for i, r in enumerate(cohort["slides"])]
+    table = read_labels(write_csv(tmp_path / "na.csv", ["slide_id", "label"], rows))
+    assert table.classes == ("0", "1") and len(table.slide_ids) == 5
+    assert "3 slides with an empty or missing 'label'" in caplog.text
+
+
+def test_fold_values_blank_numeric_and_named(cohort, tmp_path):
+    """A blank fold became a fold of its own; 1 and 1.0 were two folds; the user's value was lost."""
+    rows = [[r["slide_id"], r["label"], r["patient_id"], ["3", "3.0", "7", "7"][int(r["patient_id"][-1])]]
+            for r in cohort["slides"]]
+    folds = patient_splits(write_csv(tmp_path / "f.csv", ["slide_id", "label", "patient_id", "fold"], rows))
+    assert [(f.fold, f.name, len(f.test)) for f in folds] == [(0, "3", 4), (1, "7", 4)]
+    rows[-1][3] = ""
+    with pytest.raises(LabelsError, match="slide 'planted_007' has no fold value; give every labelled slide one"):
+        read_labels(write_csv(tmp_path / "blank.csv", ["slide_id", "label", "patient_id", "fold"], rows))
+
+
+def test_a_semicolon_separated_file_says_so(cohort, tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_text("slide_id;label\n" + "".join(f"{r['slide_id']};{r['label']}\n" for r in cohort["slides"]))
+    with pytest.raises(LabelsError, match="separated by ';', not commas; save it as a comma-separated CSV"):
+        read_labels(path)
+
+
+def test_two_stores_of_one_slide_id_are_refused(cohort, tmp_path):
+    store = cohort["out"] / "planted_000.zarr"
+    other = tmp_path / "again" / store.name
+    shutil.copytree(store, other)
+    with pytest.raises(LabelsError, match="slide 'planted_000' is also"):
+        BagDataset([store, other], cohort["labels"], cohort["encoder"])

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from sample_data.synthetic import PLANTED_BOX
@@ -309,6 +310,8 @@ def test_a_store_with_lost_embedding_chunks_is_skipped_like_the_others(planted_c
     assert index.table.shape[0] == manifest["counts"]["patches"] == sum(s["cells"] for s in manifest["slides"])
     assert index.table[:, 0].max() == len(kept) - 1
     hits = search(index, slide="planted_005", top_k=len(kept) - 1)["hits"]
+    with pytest.raises(InvalidQuery, match="slide 'planted_003' was left out of this index .*damaged"):
+        search(index, slide="planted_003")  # it was embedded: say why it is not searchable
     assert "planted_003" not in {h["slide_id"] for h in hits} and len(hits) == len(kept) - 1
     assert full.table.shape[0] > index.table.shape[0]
 
@@ -344,3 +347,16 @@ def test_index_of_stores_without_embedded_cells_says_so(sample_slide, tmp_path):
     with pytest.raises(EncoderMismatch, match=r"none of its 1 stores can be indexed for 'timm:test_vit': "
                                               r"CMU-1-Small-Region.zarr \(no embedded cells\)"):
         build_index(out, "timm:test_vit")
+
+
+def test_a_16_bit_grey_query_is_scaled_and_a_huge_one_refused(tmp_path):
+    """PIL clipped 16-bit grey to white (a blank query); a 14000 px picture raised PIL's bomb error."""
+    from wsi_embed.search.query import read_image
+
+    grey = (np.arange(224 * 224, dtype=np.uint32).reshape(224, 224) * 1000 % 65536).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    rgb = read_image(tmp_path / "g16.png")
+    assert rgb.shape == (224, 224, 3) and np.array_equal(rgb[..., 0], np.rint(grey / 257.0).astype(np.uint8))
+    Image.new("L", (8000, 8000)).save(tmp_path / "big.png")
+    with pytest.raises(InvalidQuery, match="8000 x 8000 px is a slide region, not a patch; crop the patch"):
+        read_image(tmp_path / "big.png")

@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
         metric_name, value = fold_metric(preds, n_classes)
         ckpt = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "config": model.config,
                 "classes": list(ds.classes), "encoder": args.encoder, "label_column": args.label_column,
-                "fold": fold.fold, "train": list(fold.train), "test": list(fold.test)}
+                "fold": fold.fold, "fold_name": fold.name, "train": list(fold.train), "test": list(fold.test)}
         buf = io.BytesIO()
         torch.save(ckpt, buf)
         replace_atomic(out / f"fold_{fold.fold}.pt", buf.getvalue())
@@ -225,11 +225,12 @@ def run(args: argparse.Namespace) -> dict:
             rows.append([pred["slide_id"], fold.fold, ds.classes[pred["label"]],
                          ds.classes[int(pred["probs"].argmax())], *(f"{p:.6f}" for p in pred["probs"])])
         seconds = time.perf_counter() - t0
-        results.append({"fold": fold.fold, metric_name: value, "n_train": len(fold.train),
+        results.append({"fold": fold.fold, "fold_name": fold.name, metric_name: value, "n_train": len(fold.train),
                         "n_test": len(fold.test), "train_loss": round(loss, 6), "seconds": round(seconds, 2),
                         "test_slides": list(fold.test)})
         shown = "undefined (one class held out)" if value is None else f"{value:.3f}"
-        print(f"fold {fold.fold}: {metric_name} {shown} on {len(fold.test)} held-out slides "
+        named = f" (the labels' fold {fold.name})" if fold.name else ""
+        print(f"fold {fold.fold}{named}: {metric_name} {shown} on {len(fold.test)} held-out slides "
               f"({len(fold.train)} trained, {args.epochs} epochs, loss {loss:.3f}, {seconds:.1f} s)", flush=True)
     text = io.StringIO()
     writer = csv.writer(text)

@@ -21,6 +21,7 @@ import copy
 import csv
 import logging
 import math
+import re
 import os
 import zlib
 from collections.abc import Sequence
@@ -83,8 +84,16 @@ def _sort_values(values: set[str]) -> list[str]:
 
 
 _RESERVED_COLUMNS = ("slide_id", "patient_id", "split", "fold")
-_PATIENT_LOOKALIKES = frozenset({"patient", "patientid", "patient id", "patient_name", "case", "case_id", "caseid",
-                                 "case id", "case_submitter_id", "submitter_id", "subject", "subject_id"})
+# a patient column under another name (TCGA's bcr_patient_barcode, case_id, participant_id, MRN ...)
+_PATIENT_LOOKALIKE = re.compile(r"patient|participant|donor|subject|individual|submitter|(^|[^a-z])(case|mrn)"
+                                r"([^a-z]|id|$)")
+# what pandas' read_csv takes for a missing value (its default na_values): a label left out, not a class
+_MISSING = frozenset({"", "#n/a", "#n/a n/a", "#na", "-1.#ind", "-1.#qnan", "-nan", "1.#ind", "1.#qnan", "<na>",
+                      "n/a", "na", "null", "nan", "none"})
+
+
+def _missing(value: str) -> bool:
+    return value.strip().lower() in _MISSING
 
 
 def read_labels(path: str | os.PathLike, label_column: str = "label") -> LabelTable:
@@ -113,29 +122,43 @@ def read_labels(path: str | os.PathLike, label_column: str = "label") -> LabelTa
     if rename:  # Slide_ID, Patient_ID ...: the same columns in another case
         columns = [rename.get(c, c) for c in columns]
         rows = [{rename.get(k, k): v for k, v in row.items()} for row in rows]
-    lookalike = [c for c in columns if c.lower() in _PATIENT_LOOKALIKES]
+    lookalike = [c for c in columns if c != label_column and c.lower() not in _RESERVED_COLUMNS
+                 and _PATIENT_LOOKALIKE.search(c.lower())]
     if "patient_id" not in columns and lookalike:
         raise LabelsError(f"{path}: column {lookalike[0]!r} looks like a patient column, but slides are grouped by "
                           "'patient_id' (so that no patient is in two folds): rename it patient_id, or rename it to "
                           "something else if it is not one")
+    if len(columns) == 1 and any(sep in columns[0] for sep in ";\t|"):
+        raise LabelsError(f"{path}: one column {columns[0]!r}: the values are separated by "
+                          f"{'a tab' if chr(9) in columns[0] else repr(next(s for s in ';|' if s in columns[0]))}, "
+                          "not commas; save it as a comma-separated CSV")
     for needed, how in (("slide_id", "add a slide_id column (the store names without .zarr)"),
                         (label_column, "name the label column with label_column= (--label-column)")):
         if needed not in columns:
             raise LabelsError(f"{path}: no {needed!r} column (columns: {', '.join(columns) or 'none'}); {how}")
-    kept, seen, empty = [], set(), 0
+    kept, seen, empty, no_id = [], set(), 0, 0
     for row in rows:
         sid = row["slide_id"]
         if not sid:
+            no_id += any(row.values())
             continue
         if sid in seen:
             raise LabelsError(f"{path}: slide {sid!r} is listed twice; keep one row per slide")
         seen.add(sid)
-        if not row[label_column]:
+        if _missing(row[label_column]):
             empty += 1
             continue
         kept.append(row)
     if empty:
-        log.warning("%s: %d slides with an empty %r are left out", path, empty, label_column)
+        log.warning("%s: %d slides with an empty or missing %r (blank, NA, NaN, #N/A ...) are left out", path,
+                    empty, label_column)
+    if no_id:
+        log.warning("%s: %d rows without a slide_id are left out", path, no_id)
+    for column in ("fold", "split"):
+        blank = next((r["slide_id"] for r in kept if column in columns and _missing(r[column])), None)
+        if blank is not None:
+            raise LabelsError(f"{path}: slide {blank!r} has no {column} value; give every labelled slide one, or "
+                              f"drop the {column} column")
     names = _class_names([r[label_column] for r in kept])
     classes = _sort_values(set(names))
     if len(classes) < 2:
@@ -144,6 +167,8 @@ def read_labels(path: str | os.PathLike, label_column: str = "label") -> LabelTa
                           "a classifier needs at least two classes")
     index = {c: i for i, c in enumerate(classes)}
     optional = {c: tuple(r[c] for r in kept) if c in columns else None for c in ("fold", "split")}
+    if optional["fold"] is not None:  # 1 and 1.0 from a spreadsheet are one fold, as they are one class
+        optional["fold"] = tuple(_class_names(list(optional["fold"])))
     return LabelTable(
         path=str(path),
         slide_ids=tuple(r["slide_id"] for r in kept),
@@ -166,7 +191,13 @@ def _store_paths(stores: str | os.PathLike | Sequence[str | os.PathLike]) -> tup
         if not path.is_dir():
             raise IncompleteStore(f"{path}: no such output folder; give the --out folder of wsi-embed embed")
         return path, sorted(p for p in path.glob("*.zarr") if not p.name.startswith("."))
-    return None, [Path(p) for p in stores]
+    paths = [Path(p) for p in stores]
+    first: dict[str, Path] = {}
+    for path in paths:
+        other = first.setdefault(store_slide_id(path), path)
+        if other != path:  # labels name slides by id: two stores of one id cannot both be meant
+            raise LabelsError(f"{path}: slide {store_slide_id(path)!r} is also {other}; give each slide id once")
+    return None, paths
 
 
 def _resolve_encoder(path: Path, encoder: str, done: list[str]) -> str:
@@ -379,6 +410,7 @@ class Fold:
     train: tuple[str, ...]
     test: tuple[str, ...]
     val: tuple[str, ...] = field(default=())
+    name: str = ""  # the labels' own fold value, when a fold column gave it
 
 
 def _check_patients_whole(table: LabelTable, groups: Sequence[str], column: str) -> None:
@@ -411,7 +443,7 @@ def patient_splits(source: BagDataset | LabelTable | str | os.PathLike, n_folds:
         folds = []
         for k, value in enumerate(_sort_values(set(table.folds))):
             test = tuple(s for s, f in zip(ids, table.folds) if f == value)
-            folds.append(Fold(k, tuple(s for s in ids if s not in set(test)), test))
+            folds.append(Fold(k, tuple(s for s in ids if s not in set(test)), test, name=value))
         if len(folds) < 2:
             raise LabelsError(f"{table.path}: the fold column has one value; give at least two folds")
         return folds
@@ -432,8 +464,9 @@ def patient_splits(source: BagDataset | LabelTable | str | os.PathLike, n_folds:
         raise InvalidOption(f"--folds {n_folds}: cross-validation needs at least 2 folds (n_folds)")
     n_patients = len(set(table.patients))
     if n_patients < n_folds:
-        raise LabelsError(f"{table.path}: {n_patients} patients cannot fill {n_folds} folds; "
-                          f"use at most {n_patients} folds")
+        raise LabelsError(f"{table.path}: {n_patients} patient{'s' if n_patients != 1 else ''} cannot fill {n_folds} folds; "
+                          + (f"use at most {n_patients} folds" if n_patients >= 2 else
+                             "cross-validation needs slides of at least 2 patients"))
     per_class: dict[int, set] = {}
     for label, patient in zip(table.labels, table.patients):
         per_class.setdefault(label, set()).add(patient)

@@ -69,6 +69,12 @@ class SearchIndex:
         try:
             return self._number[slide_id]
         except KeyError:
+            skipped = next((s for s in self.manifest.get("skipped", [])
+                            if s.get("store") == f"{slide_id}.zarr"), None)
+            if skipped is not None:  # embedded, but left out of the index: say why
+                raise InvalidQuery(f"{self.path}: slide {slide_id!r} was left out of this index "
+                                   f"({skipped.get('reason')}); a slide is searchable once it has embedded "
+                                   "cells and a healthy store") from None
             some = ", ".join(list(self._number)[:5]) + (", ..." if len(self._number) > 5 else "")
             raise InvalidQuery(f"{self.path}: slide {slide_id!r} is not in this index ({len(self._number)} slides: "
                                f"{some}); check the id, or rebuild the index after embedding it") from None

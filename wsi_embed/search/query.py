@@ -96,23 +96,51 @@ def check_embedding(index: SearchIndex, embedding, encoder: str | None) -> np.nd
     return vector / norm if norm > 0 else vector
 
 
+MAX_QUERY_PIXELS = 50_000_000  # a patch query is a few hundred px; a bigger picture is a slide region
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """(h, w, 3) uint8 RGB of an image file; alpha is composited on white (the glass)."""
+    """(h, w, 3) uint8 RGB of an image file; alpha is composited on white (the glass); 16-bit and
+    float grey scaled to 8 bits (PIL would clip it to white)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise InvalidQuery(f"{path}: no such image; give the path of a PNG patch")
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(white, rgba)
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_QUERY_PIXELS:
+                    raise InvalidQuery(f"{path}: {im.width} x {im.height} px is a slide region, not a patch; "
+                                       "crop the patch you mean (a few hundred px) and search with that")
+                im.load()
+                return _to_rgb(im)
+    except InvalidQuery:
+        raise
+    except Image.DecompressionBombError:
+        raise InvalidQuery(f"{path}: too large to be a patch; crop the patch you mean and search with that") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InvalidQuery(f"{path}: not a readable image ({type(exc).__name__}); give a PNG patch") from None
+
+
+def _to_rgb(im) -> np.ndarray:
+    from PIL import Image
+
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        grey = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or grey.max() > 255 else 255.0
+        if im.mode == "F" and grey.max() <= 1.0:
+            top = 1.0
+        grey = np.clip(np.rint(grey * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def _weights_spec(enc: dict, weights: str | None) -> str:
