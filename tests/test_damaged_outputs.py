@@ -323,3 +323,57 @@ def test_the_report_does_not_call_a_slide_complete_whose_locking_run_died(cohort
     page = (out / "report.html").read_text()
     assert "3: 2 done, 0 skipped (complete before), 1 failed" in page
     assert f"{out / 'c'}.zarr: not embedded: the run that held it (somehost:" in page
+
+
+def test_verify_says_which_backups_hold_groups_and_removes_stale_ones(cohort, tmp_path, caplog):
+    """A repair killed between two commits: verify said ok and nothing of the group left only in
+    the backup; killed after its last commit, the backup stayed for ever."""
+    out = _copy(cohort, tmp_path / "out")
+    kept = out / f".a.zarr.bad{_dead_suffix()}"
+    shutil.copytree(out / "a.zarr", kept)
+    (kept / "timm-other").mkdir()  # a group the rebuilt store has not got back yet
+    stale = out / f".b.zarr.bad{_dead_suffix()}"
+    shutil.copytree(out / "b.zarr", stale)
+    proc = run_cli("verify", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert kept.is_dir() and f"{kept}: kept: the store a repair was rebuilding when it stopped, holding encoder " \
+                               "groups timm-other that" in proc.stderr
+    assert not stale.exists()
+
+
+def test_a_cluster_run_checks_the_grid_before_skipping(cohort, tmp_path):
+    """The dask driver's resume check ran without the options: a store of another --mpp or
+    --slide-mpp was skipped as complete."""
+    from wsi_embed import EmbedOptions
+    from wsi_embed.cohort.results import settled
+    from wsi_embed.grid import GridSpec
+    from wsi_embed.jobs import SlideJob
+
+    out = _copy(cohort, tmp_path / "out")
+    job = SlideJob(cohort / "slides" / "a.svs", "a")
+    assert settled(job, out, [VIT], "random", EmbedOptions()).status == "skipped"
+    other = settled(job, out, [VIT], "random", EmbedOptions(grid=GridSpec(mpp=1.0)))
+    assert other.status == "failed" and "exists with another grid" in other.error
+    mpp = settled(SlideJob(cohort / "slides" / "a.svs", "a", 0.6), out, [VIT], "random", EmbedOptions())
+    assert mpp.status == "failed" and "another slide pixel size" in mpp.error
+
+
+def test_a_repair_never_embeds_with_other_weights_than_recorded(sample_slide, tmp_path):
+    """The weights file was changed since: the repair used it and said repaired."""
+    import timm
+    import torch
+
+    weights = tmp_path / "w.pth"
+    torch.manual_seed(1)
+    torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
+    out = tmp_path / "out"
+    proc = run_cli("embed", str(sample_slide), "--out", str(out), "--model", "timm:test_resnet", "--weights",
+                   str(weights), "--workers", "0", "--no-maps")
+    assert proc.returncode == 0, proc.stderr
+    store = out / "CMU-1-Small-Region.zarr"
+    next(p for p in (store / "timm-test_resnet" / "embeddings" / "c").rglob("*") if p.is_file()).unlink()
+    torch.manual_seed(2)
+    torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
+    proc = run_cli("verify", str(store), "--repair")
+    assert proc.returncode == 1, proc.stdout
+    assert f"not repaired: the weights {weights} for timm:test_resnet are not those it was made with" in proc.stdout

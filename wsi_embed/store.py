@@ -385,7 +385,7 @@ def restore_repair_backup(backup: Path) -> Path | None:
     return final
 
 
-def _holds_more_groups(backup: Path) -> bool:
+def holds_more_groups(backup: Path) -> bool:
     """A repair that died between two of its commits: the store is back, but without some of the
     backup's encoder groups. The backup is kept (and said) rather than lost."""
     final = _store_of_backup(backup)
@@ -417,7 +417,7 @@ def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list
         for path in out_dir.glob(pattern):
             if (".zarr.bad" in pattern or ".png" in pattern and ".qc.png" not in pattern) and not owner_gone(path.name):
                 continue  # a repair's backup, or maps another live run is drawing (maps are not locked)
-            if ".zarr.bad" in pattern and (restore_repair_backup(path) or _holds_more_groups(path)):
+            if ".zarr.bad" in pattern and (restore_repair_backup(path) or holds_more_groups(path)):
                 continue
             if path.is_dir():
                 _remove(path)

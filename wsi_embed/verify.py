@@ -33,7 +33,8 @@ from .errors import WsiEmbedError
 from .atomic import TMP_MARK, owner_gone
 from .store import (GEOMETRY_ARRAYS, OPTIONAL_ARRAYS, _read_array, _read_group, _remove, damage_reason,
                     expected_optional_arrays, group_dirs, has_checksums, is_temporary, refuse_inside_a_store,
-                    repair_backup_path, repair_hint, restore_repair_backup, settle_zarr_reads, store_slide_id)
+                    holds_more_groups, repair_backup_path, repair_hint, restore_repair_backup, settle_zarr_reads,
+                    store_slide_id)
 
 log = logging.getLogger(__name__)
 
@@ -477,7 +478,9 @@ def find_stores(target: str | os.PathLike) -> list[Path]:
 
 def _restore_interrupted_repairs(folder: Path) -> None:
     """A repair killed before its commit left the damaged store moved aside, and no store in its
-    place: put it back (under the slide's lock), so it is verified, and repaired, again."""
+    place: put it back (under the slide's lock), so it is verified, and repaired, again. Killed
+    between two commits, the backup holds groups the store lacks: kept, and said. Killed after its
+    last commit, the backup is stale: removed."""
     from .locks import try_lock
 
     for backup in folder.glob(f".*.zarr.bad{TMP_MARK}*"):
@@ -487,7 +490,8 @@ def _restore_interrupted_repairs(folder: Path) -> None:
             lock, _ = try_lock(folder, backup.name[1 : backup.name.rindex(".zarr.bad")])
             if lock is not None:
                 with lock:
-                    restore_repair_backup(backup)
+                    if restore_repair_backup(backup) is None and not holds_more_groups(backup):
+                        _remove(backup)
         except (OSError, WsiEmbedError) as exc:  # left for the next embed of that slide
             log.warning("%s: could not be put back (%s)", backup, exc)
 
@@ -529,6 +533,24 @@ def _weights_for(enc: dict) -> str:
     if path and Path(path).is_file():
         return str(path)
     return "auto"
+
+
+def _other_weights(encoders: dict[str, dict]) -> str | None:
+    """Why a repair would embed with other weights than the store records (a file changed or swapped
+    since), or None. Weights still to be downloaded are checked by the run itself."""
+    from .resume import expected_weights
+
+    for name, enc in encoders.items():
+        want = enc.get("weights_sha256")
+        if enc.get("weights_random") or not want:
+            continue
+        spec = _weights_for(enc)
+        have = expected_weights(name, spec).sha256
+        if have and have != want:
+            where = enc.get("weights_path") or "the weights folder"
+            return (f"the weights {spec} for {name} are not those it was made with (sha256 {have[:12]}, the store "
+                    f"records {want[:12]}); put those back at {where} and repair again")
+    return None
 
 
 def _plans(attrs: dict, encoders: dict[str, dict], base) -> list[tuple[str, object, list[str]]]:
@@ -620,6 +642,10 @@ def repair_store(path: str | os.PathLike, options=None, report: StoreReport | No
     redo = dict(report.encoders) if rebuild else {n: report.encoders[n] for n in report.damaged_encoders}
     if not redo:
         result.error = "no encoder group left to re-embed it from"
+        return result
+    wrong = _other_weights(redo)
+    if wrong:
+        result.error = wrong
         return result
     plans = _plans(attrs, redo, options if options is not None else EmbedOptions())
     backup = repair_backup_path(path) if rebuild else None

@@ -155,7 +155,8 @@ def settled(job: SlideJob, out_dir: Path, names: Sequence[str], weights: str,
     failure = id_failure(job)
     if failure is not None:
         return failure
-    resume = plan_resume(out_dir, job, names, weights, overwrite=options.overwrite, verify=options.verify)
+    resume = plan_resume(out_dir, job, names, weights, overwrite=options.overwrite, verify=options.verify,
+                         options=options)
     if resume.error is not None:
         return failed_result(job, resume.error)
     if resume.nothing_to_do:
