@@ -377,3 +377,13 @@ def test_a_repair_never_embeds_with_other_weights_than_recorded(sample_slide, tm
     proc = run_cli("verify", str(store), "--repair")
     assert proc.returncode == 1, proc.stdout
     assert f"not repaired: the weights {weights} for timm:test_resnet are not those it was made with" in proc.stdout
+
+
+def test_the_qc_caption_lists_encoders_by_name():
+    """A picture redrawn from a store (after a resume or a repair) listed the groups in zarr's order,
+    which varies, and differed from the clean run's picture (--model order)."""
+    from wsi_embed.qc import qc_title
+
+    a = qc_title("s", 5, 224, 0.5, 0.25, [("timm:test_vit", True), ("timm:test_resnet", False)])
+    b = qc_title("s", 5, 224, 0.5, 0.25, [("timm:test_resnet", False), ("timm:test_vit", True)])
+    assert a == b and a.index("timm:test_resnet") < a.index("timm:test_vit (RANDOM WEIGHTS)")

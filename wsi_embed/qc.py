@@ -101,8 +101,9 @@ def _with_caption(picture: Image.Image, title: str) -> Image.Image:
 
 def qc_title(slide_id: str, cells: int, patch_px: int, target_mpp: float, min_tissue: float,
              encoders: list[tuple[str, bool]]) -> str:
-    """``encoders``: (name, weights are random) of the encoders the store is made for."""
-    names = ", ".join(f"{n} (RANDOM WEIGHTS)" if random else n for n, random in encoders) or "-"
+    """``encoders``: (name, weights are random) of the encoders the store is made for; listed by
+    name, so a picture redrawn from the store (whose groups come in no fixed order) is the same."""
+    names = ", ".join(f"{n} (RANDOM WEIGHTS)" if random else n for n, random in sorted(encoders)) or "-"
     return (f"{slide_id}: {cells} cells embedded (blue), tissue contour (green); {patch_px} px at "
             f"{target_mpp:g} µm/px, min tissue {min_tissue:g}; encoder {names}")
 
