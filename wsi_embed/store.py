@@ -368,7 +368,7 @@ def repair_backup_path(store: Path) -> Path:
     return store.with_name(f".{store.name}.bad{tmp_suffix()}")
 
 
-def _store_of_backup(backup: Path) -> Path:
+def store_of_backup(backup: Path) -> Path:
     """``.<id>.zarr.bad.tmp-*`` -> ``<id>.zarr`` (see :func:`repair_backup_path`)."""
     return backup.with_name(backup.name[1 : backup.name.rindex(f".bad{TMP_MARK}")])
 
@@ -377,7 +377,7 @@ def restore_repair_backup(backup: Path) -> Path | None:
     """Put back the store a repair that died had moved aside, when nothing took its place (its
     other encoder groups may be intact); the store, or None when a store is there already (the
     repair got as far as its commit, and the backup is stale). Callers hold the slide's lock."""
-    final = _store_of_backup(backup)
+    final = store_of_backup(backup)
     if final.exists():
         return None
     os.rename(backup, final)
@@ -388,7 +388,7 @@ def restore_repair_backup(backup: Path) -> Path | None:
 def holds_more_groups(backup: Path) -> bool:
     """A repair that died between two of its commits: the store is back, but without some of the
     backup's encoder groups. The backup is kept (and said) rather than lost."""
-    final = _store_of_backup(backup)
+    final = store_of_backup(backup)
     missing = sorted(set(group_dirs(backup)) - set(group_dirs(final)))
     if missing:
         log.warning("%s: kept: the store a repair was rebuilding when it stopped, holding encoder groups %s that "
@@ -397,12 +397,21 @@ def holds_more_groups(backup: Path) -> bool:
     return bool(missing)
 
 
-def restore_interrupted_repair(out_dir: Path, slide_id: str) -> Path | None:
-    """:func:`restore_repair_backup` for the backup of this slide whose repair died, if any."""
+def settle_repair_backup(backup: Path) -> bool:
+    """The backup of a repair that died: put back where no store took its place, kept (and said)
+    where it holds groups the store lacks, else removed as stale; True when it was removed. Callers
+    hold the slide's lock."""
+    if restore_repair_backup(backup) is not None or holds_more_groups(backup):
+        return False
+    _remove(backup)
+    return True
+
+
+def restore_interrupted_repair(out_dir: Path, slide_id: str) -> None:
+    """:func:`settle_repair_backup` for the backups of this slide whose repair died."""
     for backup in Path(out_dir).glob(f".{glob.escape(slide_id)}.zarr.bad{TMP_MARK}*"):
         if owner_gone(backup.name):
-            return restore_repair_backup(backup)
-    return None
+            settle_repair_backup(backup)
 
 
 def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list[Path]:
@@ -417,7 +426,9 @@ def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list
         for path in out_dir.glob(pattern):
             if (".zarr.bad" in pattern or ".png" in pattern and ".qc.png" not in pattern) and not owner_gone(path.name):
                 continue  # a repair's backup, or maps another live run is drawing (maps are not locked)
-            if ".zarr.bad" in pattern and (restore_repair_backup(path) or holds_more_groups(path)):
+            if ".zarr.bad" in pattern:
+                if settle_repair_backup(path):
+                    removed.append(path)
                 continue
             if path.is_dir():
                 _remove(path)

@@ -33,7 +33,7 @@ from .errors import WsiEmbedError
 from .atomic import TMP_MARK, owner_gone
 from .store import (GEOMETRY_ARRAYS, OPTIONAL_ARRAYS, _read_array, _read_group, _remove, damage_reason,
                     expected_optional_arrays, group_dirs, has_checksums, is_temporary, refuse_inside_a_store,
-                    holds_more_groups, repair_backup_path, repair_hint, restore_repair_backup, settle_zarr_reads,
+                    repair_backup_path, repair_hint, settle_repair_backup, settle_zarr_reads, store_of_backup,
                     store_slide_id)
 
 log = logging.getLogger(__name__)
@@ -441,7 +441,8 @@ def verify_store(path: str | os.PathLike, groups: Iterable[str] | None = None) -
             report.unrepairable.append("its embeddings are gone, and with them the record of which encoder made "
                                        f"them; re-embed the slide with wsi-embed embed SLIDE --out {path.parent} "
                                        "--model NAME --overwrite")
-        for key in keys if groups is None else [k for k in keys if k in set(groups)]:
+        wanted = None if groups is None else set(groups)
+        for key in keys if wanted is None else [k for k in keys if k in wanted]:
             _check_group(path, key, geo, report)
     finally:
         settle_zarr_reads()
@@ -487,11 +488,10 @@ def _restore_interrupted_repairs(folder: Path) -> None:
         if not owner_gone(backup.name):
             continue
         try:
-            lock, _ = try_lock(folder, backup.name[1 : backup.name.rindex(".zarr.bad")])
+            lock, _ = try_lock(folder, store_slide_id(store_of_backup(backup)))
             if lock is not None:
                 with lock:
-                    if restore_repair_backup(backup) is None and not holds_more_groups(backup):
-                        _remove(backup)
+                    settle_repair_backup(backup)
         except (OSError, WsiEmbedError) as exc:  # left for the next embed of that slide
             log.warning("%s: could not be put back (%s)", backup, exc)
 
