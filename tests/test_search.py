@@ -14,7 +14,7 @@ import pytest
 from sample_data.synthetic import PLANTED_BOX
 from tests.conftest import run_cli
 from wsi_embed import open_store
-from wsi_embed.errors import EncoderMismatch, InvalidQuery, WeightsMismatch
+from wsi_embed.errors import EncoderMismatch, InvalidOption, InvalidQuery, WeightsMismatch
 from wsi_embed.search import build_index, open_index, search
 
 ENCODER_GROUP = "timm-test_vit"
@@ -252,6 +252,16 @@ def test_no_index_folder(indexed, tmp_path):
         search(indexed["index"], patch=("planted_001", -1, 0))
     done = run_cli("index", str(indexed["out"]), "--encoder", "lunit-bt-rn50")
     assert done.returncode != 0 and "lunit-bt-rn50" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_montage_must_be_a_png_outside_the_stores(indexed, tmp_path):
+    store = indexed["out"] / "planted_001.zarr"
+    before = sorted(p.name for p in store.iterdir())
+    for path, needle in [(tmp_path / "m.jpg", "ending in .png"), (tmp_path, "is a folder"),
+                         (store / "m.png", "inside the store")]:
+        with pytest.raises(InvalidOption, match=needle):
+            search(indexed["index"], slide="planted_001", montage=path)
+    assert not (tmp_path / "m.jpg").exists() and sorted(p.name for p in store.iterdir()) == before
 
 
 def test_readable_table(indexed):

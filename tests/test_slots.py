@@ -102,6 +102,19 @@ def test_burst_reads_give_the_in_process_items_in_order_and_read_ahead_only_on_d
             assert torch.equal(item.patches, ref.patches)
 
 
+def test_a_burst_reads_its_largest_regions_first_and_gives_them_in_task_order(monkeypatch):
+    """The burst is a barrier: largest first, the threads finish it together."""
+    from types import SimpleNamespace
+
+    started = []
+    monkeypatch.setattr(loader_module.RegionDataset, "__getitem__",
+                        lambda self, task: started.append(task.name) or task.name)
+    sizes = {"a": 2, "b": 9, "c": 1, "d": 5}
+    feed = [SimpleNamespace(name=k, offsets=[(0, 0)] * n) for k, n in sizes.items()]
+    assert list(BurstReader(iter(feed), threads=1, patches=100)) == ["a", "b", "c", "d"]
+    assert started == ["b", "d", "a", "c"]
+
+
 def test_burst_reader_closes_its_threads_slide_handles(tasks, monkeypatch):
     closed = []
     real_close = loader_module._close

@@ -289,7 +289,8 @@ class BurstReader:
     Nothing reads while the encoder computes, so decoding never competes with its threads, yet it
     uses every core.
 
-    Items come out in task order, as from a ``DataLoader`` without workers."""
+    Items come out in task order, as from a ``DataLoader`` without workers; within a burst the
+    largest regions are read first."""
 
     def __init__(self, tasks: Iterator, *, threads: int, patches: int):
         self._tasks = iter(tasks)
@@ -313,7 +314,10 @@ class BurstReader:
                                   initializer=lambda: caches.append(_HANDLES_BY_THREAD.cache))
         try:
             while burst := self._burst():
-                yield from list(pool.map(dataset.__getitem__, burst))  # all read before any is used
+                # largest regions first, so the threads finish a burst together (the burst is a barrier)
+                order = sorted(range(len(burst)), key=lambda i: -len(getattr(burst[i], "offsets", ())))
+                reads = {i: pool.submit(dataset.__getitem__, burst[i]) for i in order}
+                yield from [reads[i].result() for i in range(len(burst))]  # all read before any is used
         finally:
             pool.shutdown(wait=True)  # interrupted here, handles are left open rather than closed mid-read
             for cache in caches:  # the threads' own slide handles

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EncoderMismatch, InvalidOption, InvalidQuery, WeightsMismatch
-from ..store import group_name
+from ..store import enclosing_store, group_name
 from .index import SearchIndex, open_index
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ def search(index_dir: str | os.PathLike | SearchIndex, *, slide: str | None = No
                            f"({'got ' + ', '.join(given) if given else 'none given'})")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
         raise InvalidOption(f"--top-k must be a whole number of at least 1, got {top_k!r}")
+    if montage is not None:
+        check_montage_path(montage)
     index = index_dir if isinstance(index_dir, SearchIndex) else open_index(index_dir)
     picture = None
     if slide is not None:
@@ -79,6 +81,18 @@ def search(index_dir: str | os.PathLike | SearchIndex, *, slide: str | None = No
 
         draw_montage(index, result, Path(montage), query_image=picture)
     return result
+
+
+def check_montage_path(path: str | os.PathLike) -> None:
+    """``--montage`` must name a PNG file outside any store, before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidOption(f"--montage {path}: is a folder; give a file name ending in .png")
+    if path.suffix.lower() != ".png":
+        raise InvalidOption(f"--montage {path}: the montage is a PNG picture; give a file name ending in .png")
+    store = enclosing_store(path.parent)
+    if store is not None:
+        raise InvalidOption(f"--montage {path}: inside the store {store}; write the montage outside it")
 
 
 def check_embedding(index: SearchIndex, embedding, encoder: str | None) -> np.ndarray:
