@@ -84,6 +84,16 @@ def bad_run(tmp_path_factory, sample_slide) -> dict:
         tf.pages[0].tags["ImageWidth"].overwrite(200_000)
         tf.pages[0].tags["ImageLength"].overwrite(150_000)
     lzw.unlink()
+    # an OME-TIFF whose only resolution is in its OME-XML, written at the end: a cut copy loses it
+    ome = root / "scan.ome.tif"
+    tifffile.imwrite(ome, rgb, tile=(256, 256), compression="jpeg", photometric="rgb", ome=True,
+                     metadata={"PhysicalSizeX": 0.499, "PhysicalSizeY": 0.499})
+    paths["truncated_ome"] = root / "cut.ome.tif"
+    paths["truncated_ome"].write_bytes(ome.read_bytes()[: int(ome.stat().st_size * 0.9)])
+    ome.unlink()
+    paths["link_loop"] = root / "loop-a.svs"
+    paths["link_loop"].symlink_to(root / "loop-b.svs")
+    (root / "loop-b.svs").symlink_to(paths["link_loop"])
     paths["no_mpp"] = make_slide(root / "nompp.tif", width=1600, height=1200, write_mpp=False)
     paths["good"] = root / "good.svs"
     shutil.copy(sample_slide, paths["good"])
@@ -116,6 +126,14 @@ def test_not_a_slide(bad_run):
 @pytest.mark.parametrize("cut", [0.3, 0.9])
 def test_truncated_slide(bad_run, cut):
     assert_slide_failed_cleanly(bad_run, f"truncated_{cut}", "truncated or corrupt")
+
+
+def test_a_truncated_ome_tiff_is_called_truncated_not_missing_its_resolution(bad_run):
+    assert_slide_failed_cleanly(bad_run, "truncated_ome", "truncated or corrupt", "re-copy")
+
+
+def test_a_symlink_loop_is_named_as_such(bad_run):
+    assert_slide_failed_cleanly(bad_run, "link_loop", "symbolic link to nothing")
 
 
 def test_corrupt_tiles(bad_run):
@@ -157,7 +175,7 @@ def test_one_bad_slide_does_not_stop_the_others(bad_run):
     proc, out, paths = bad_run["proc"], bad_run["out"], bad_run["paths"]
     assert proc.returncode == 1
     assert (out / "good.zarr").is_dir()
-    assert "summary: 9 slides: 1 done, 0 skipped, 8 failed" in proc.stdout, proc.stdout
+    assert "summary: 11 slides: 1 done, 0 skipped, 10 failed" in proc.stdout, proc.stdout
     bad = [p for kind, p in paths.items() if kind != "good"]
     lines = error_lines(proc.stderr)
     assert len(lines) == len(bad), proc.stderr  # one line per bad slide, none for the good one

@@ -344,6 +344,53 @@ def test_thumbnail_falls_back_from_a_miscoloured_level(fault, big_rgb, tmp_path,
 
 
 # -- grey, 16-bit and RGBA slides end to end ------------------------------------------------------------
+def test_a_file_whose_first_image_is_not_its_largest_is_refused(big_rgb, tmp_path):
+    """An overview written first (OME-TIFF) or a pyramid written smallest first: the readers take the
+    first image for level 0 and the patches would be upsampled from it."""
+    small = area_downsample(big_rgb, 8)
+    overview = tmp_path / "overview-first.ome.tif"
+    with tifffile.TiffWriter(overview, ome=True) as tif:
+        tif.write(small, photometric="rgb", metadata={"Name": "macro", "PhysicalSizeX": 4.0, "PhysicalSizeY": 4.0})
+        tif.write(big_rgb, tile=(256, 256), compression="jpeg", photometric="rgb",
+                  metadata={"Name": "main", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    reversed_ = write_pyramid(tmp_path / "reversed.tif", [small, area_downsample(big_rgb, 2)],
+                              compression="jpeg", photometric="rgb")
+    for path in (overview, reversed_):
+        with pytest.raises(UnsupportedSlide) as err:
+            open_slide(path)
+        msg = str(err.value)
+        assert msg.startswith(f"{path}: the slide is read from its first image (256 x 256 px)") and "\n" not in msg
+        assert "re-export it with the full-resolution image first" in msg
+    with open_slide(write_pyramid(tmp_path / "fine.tif", [big_rgb, small], compression="jpeg",
+                                  photometric="rgb")) as slide:
+        assert slide.dimensions == (2048, 2048)
+
+
+def test_patches_are_not_read_from_a_miscoloured_level(big_rgb, tmp_path, caplog):
+    """Level 1 (4x, 2 µm/px) written in YCbCr labelled RGB: a 2 µm/px grid would read its patches
+    there; they come from level 0 instead (the thumbnail alone falling back is not enough)."""
+    from wsi_embed.jobs import EmbedOptions
+    from wsi_embed.grid import GridSpec
+    from wsi_embed.plan import plan_slide
+    from wsi_embed.slide import resolve_mpp
+
+    levels = [big_rgb, area_downsample(big_rgb, 4), area_downsample(big_rgb, 16)]
+    opts = EmbedOptions(grid=GridSpec(mpp=2.0, patch_px=64))
+    plans = {}
+    for name, pyramid in [("good", levels), ("bad", [levels[0], _ycbcr(levels[1]), levels[2]])]:
+        path = write_pyramid(tmp_path / f"{name}.tif", pyramid, compression="jpeg", photometric="rgb")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), open_slide(path) as slide:
+            plans[name] = plan_slide(slide, resolve_mpp(slide, 0.5), opts, name)
+        plans[name + "_log"] = [r.getMessage() for r in caplog.records]
+    assert plans["good"].grid.level == 1 and not plans["good_log"]
+    bad = plans["bad"].grid
+    assert bad.level == 0 and bad.read_px == 256, bad
+    assert any("level 1 looks miscoloured" in m and "patches are read from level 0" in m for m in plans["bad_log"])
+    # the same cells either way: only where they are read from changes
+    np.testing.assert_array_equal(plans["bad"].mask, plans["good"].mask)
+
+
 @pytest.fixture(scope="module")
 def cli_slides(big_rgb, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("cli_slides")

@@ -109,9 +109,9 @@ def _writing(job: SlideJob, out_dir: Path):
 
 
 def _preflight(job: SlideJob, opts: EmbedOptions) -> None:
+    ensure_intact(job.path)  # first: a cut file may have lost the metadata that holds its resolution
     with open_slide(job.path, backend=opts.backend) as slide:
         resolve_mpp(slide, job.slide_mpp)
-    ensure_intact(job.path)
 
 
 def _new_geometry(slide, mpp, job, writer: StoreWriter, opts: EmbedOptions, run: SlideRun, encoders: list,

@@ -3,6 +3,7 @@ before any patch is read (and before the store is touched)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from dataclasses import dataclass
@@ -16,7 +17,10 @@ from .jobs import EmbedOptions, SlideJob
 from .masks import ANNOTATION_SUFFIXES, MASK_SUFFIXES, label_cells, load_annotations, load_user_mask, resolve
 from .pen import INK_COLOURS, detect_ink
 from .slide import MppInfo, Slide, SlideInfo, describe
-from .tissue import Thumbnail, cell_tissue_fraction, detect_tissue, is_grey, read_thumbnail, tissue_method
+from .tissue import (Thumbnail, cell_tissue_fraction, detect_tissue, is_grey, level_colour_mismatch, read_thumbnail,
+                     tissue_method)
+
+log = logging.getLogger(__name__)
 
 
 class Cancelled(BaseException):
@@ -102,6 +106,13 @@ def plan_slide(slide: Slide, mpp: MppInfo, opts: EmbedOptions, slide_id: str,
                        slide_id, ANNOTATION_SUFFIXES, "annotation file")
     annotations = load_annotations(ann_file, slide.dimensions, opts.annotation_classes) if ann_file else None
     thumb = read_thumbnail(slide, mpp.mpp, opts.tissue, should_stop=stop)
+    while (mismatch := level_colour_mismatch(slide, grid.level, thumb)) is not None:
+        bad = grid.level  # read a finer level and downsample: never patches of wrong colours
+        grid = plan_grid(opts.grid, slide_mpp=mpp.mpp, level_dimensions=slide.level_dimensions[:bad],
+                         level_downsamples=slide.level_downsamples[:bad], bounds=slide.bounds)
+        log.warning("%s: pyramid level %d looks miscoloured (its colours differ from level 0 by %.0f/255 at most "
+                    "sampled places); the patches are read from level %d instead", slide.path, bad, mismatch,
+                    grid.level)
     params = opts.tissue
     if is_grey(thumb.image):  # no colour: marker ink cannot be told from dark tissue
         ink, ink_px = np.zeros(thumb.image.shape[:2], bool), {}

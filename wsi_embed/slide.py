@@ -415,6 +415,9 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto") -> Slide:
     if backend not in BACKENDS:
         raise InvalidOption(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if not path.exists():
+        if path.is_symlink():
+            raise SlideNotFound(f"{path}: a symbolic link to nothing (its target is missing, or the links loop); "
+                                "fix the link or pass the slide file itself")
         raise SlideNotFound(f"{path}: no such file; check the path")
     if not (path.is_file() or path.is_dir()):  # reading a pipe or a device would block or never end
         raise UnreadableSlide(f"{path}: not a regular file (a pipe, socket or device); pass the slide file itself")
@@ -428,7 +431,8 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto") -> Slide:
     _check_readable(path)
     is_tiff = _looks_like_tiff(path)
     # tile/strip size and table length from the raw directories, before any reader parses tables
-    longest_table = _tiff_limits(path) if is_tiff else 0
+    ifds = _tiff_ifds(path) if is_tiff else []
+    longest_table = _check_tiff_limits(path, ifds)
     pix = _pixels.inspect_tiff(path) if is_tiff else None  # pixel format and codecs per level
     _check_pixels(path, pix)
     if backend == "auto":
@@ -460,6 +464,7 @@ def open_slide(path: str | os.PathLike, *, backend: str = "auto") -> Slide:
     try:
         _attach_pixels(slide, pix)
         _check_level_tiles(slide)
+        _check_level0_is_largest(slide, ifds)
     except BaseException:
         slide.close()
         raise
@@ -718,13 +723,25 @@ def _check_tiff_limits(path: Path, ifds: list[_Ifd]) -> int:
     return longest
 
 
-def _tiff_limits(path: Path) -> int:
-    """Check a TIFF's tiles and tables against the limits from its raw directories (milliseconds,
-    whatever the header claims); return the longest tile table. Damage is left to ensure_intact."""
+def _tiff_ifds(path: Path) -> list[_Ifd]:
+    """A TIFF's raw image directories (milliseconds, whatever the header claims). Damage is left to
+    ensure_intact."""
     if path.suffix.lower() == ".ndpi":  # offsets past 4 GiB wrap; NDPI levels are JPEG strips openslide cuts
-        return 0
+        return []
     ifds, _ = _tiff_scan(path)
-    return _check_tiff_limits(path, ifds)
+    return ifds
+
+
+def _check_level0_is_largest(slide: Slide, ifds: list[_Ifd]) -> None:
+    """Refuse a file whose reader takes a smaller image for level 0 than one the file holds (an
+    overview written first, a pyramid written smallest first): its patches would be upsampled from it."""
+    w0, h0 = slide.dimensions
+    larger = [i for i in ifds if i.width >= 2 * w0 and i.height >= 2 * h0]
+    if larger:
+        big = max(larger, key=lambda i: i.width * i.height)
+        raise UnsupportedSlide(
+            f"{slide.path}: the slide is read from its first image ({w0} x {h0} px), but the file holds a larger one "
+            f"({big.name}, {big.width} x {big.height} px); re-export it with the full-resolution image first")
 
 
 def _check_level_tiles(slide: Slide) -> None:

@@ -115,8 +115,9 @@ _CHECK_WINDOW = 4  # thumbnail px per window side (16 µm at 4 µm/px: a read of
 _CHECK_TOLERANCE = 20.0  # largest per-channel difference of mean colours, out of 255, that still agrees
 
 
-def _colour_mismatch(slide: Slide, thumb: Thumbnail) -> float | None:
-    """The typical colour difference between the thumbnail and level 0 when they disagree, else None.
+def _colour_mismatch(slide: Slide, thumb: Thumbnail, level: int | None = None) -> float | None:
+    """The typical colour difference between the thumbnail (or, given ``level``, that pyramid level)
+    and level 0 when they disagree, else None.
 
     At the most coloured small window (largest max - min over R, G, B) of each cell of a 3 x 3 grid
     (stained tissue where there is any: glass alone would not show swapped channels) the thumbnail's
@@ -142,16 +143,27 @@ def _colour_mismatch(slide: Slide, thumb: Thumbnail) -> float | None:
             sums = ii[win:, win:] - ii[:-win, win:] - ii[win:, :-win] + ii[:-win, :-win]
             wy, wx = np.unravel_index(int(np.argmax(sums)), sums.shape)
             ty, tx = y0 + int(wy), x0 + int(wx)
-            seen = img[ty : ty + win, tx : tx + win].reshape(-1, 3).mean(axis=0)
             lx0, ly0 = int(round(tx / thumb.scale_x)), int(round(ty / thumb.scale_y))
             lx1, ly1 = int(round((tx + win) / thumb.scale_x)), int(round((ty + win) / thumb.scale_y))
             truth = slide.read_region((lx0, ly0), 0, (max(1, lx1 - lx0), max(1, ly1 - ly0)))
+            if level is None:
+                seen = img[ty : ty + win, tx : tx + win].reshape(-1, 3).mean(axis=0)
+            else:
+                ds = slide.level_downsamples[level]
+                size = (max(1, round((lx1 - lx0) / ds)), max(1, round((ly1 - ly0) / ds)))
+                seen = slide.read_region((lx0, ly0), level, size).reshape(-1, 3).mean(axis=0)
             diffs.append(float(np.abs(truth.reshape(-1, 3).mean(axis=0) - seen).max()))
     if not diffs:
         return None
     diffs = np.asarray(diffs)
     off = diffs > _CHECK_TOLERANCE
     return float(np.median(diffs[off])) if off.mean() >= 1 / 3 else None
+
+
+def level_colour_mismatch(slide: Slide, level: int, thumb: Thumbnail) -> float | None:
+    """As :func:`_colour_mismatch`, for pyramid ``level`` itself (the places are picked on ``thumb``,
+    whose colours were checked): the patches of a grid read there would be miscoloured."""
+    return _colour_mismatch(slide, thumb, level) if slide.level_downsamples[level] > 1 else None
 
 
 def channel_max_min(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
