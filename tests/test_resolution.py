@@ -261,3 +261,20 @@ def test_dicom_without_extension_and_several_series(tmp_path, dicom_series_dir):
     (empty / "README").write_text("x")
     with pytest.raises(UnreadableSlide, match="is a directory"):
         open_slide(empty)
+
+
+def test_an_imagej_calibration_is_read(tmp_path):
+    """Fiji/ImageJ TIFFs keep their calibration as ``unit=um`` in the description and pixels per unit
+    in X/YResolution (no TIFF resolution unit)."""
+    from wsi_embed.slide import imagej_mpp, open_slide, resolve_mpp
+
+    rgb = np.full((300, 200, 3), 200, np.uint8)
+    path = tmp_path / "fiji.tif"
+    tifffile.imwrite(path, rgb, imagej=True, resolution=(1 / 0.499, 1 / 0.499), metadata={"unit": "um"})
+    with open_slide(path) as slide:
+        info = resolve_mpp(slide)
+    assert info.source == "metadata" and abs(info.mpp - 0.499) < 1e-6
+    assert imagej_mpp("ImageJ=1.54f\nunit=\\u00B5m\n", 4.0, 4.0) == 0.25  # as Fiji writes µ
+    assert imagej_mpp("ImageJ=1.54f\nunit=mm\n", 2000.0, 2000.0) == 0.5
+    assert imagej_mpp("ImageJ=1.54f\nunit=pixel\n", 1.0, 1.0) is None  # uncalibrated
+    assert imagej_mpp("not ImageJ", 2.0, 2.0) is None

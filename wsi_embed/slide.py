@@ -117,7 +117,8 @@ class Slide:
         returned so that :func:`resolve_mpp` can refuse them.
         """
         ignored = None
-        for where, read in (("resolution metadata", self._reader_mpp), ("OME-XML", self._ome_mpp)):
+        for where, read in (("resolution metadata", self._reader_mpp), ("OME-XML", self._ome_mpp),
+                            ("ImageJ calibration", self._imagej_mpp)):
             value = read()
             if value is None:
                 continue
@@ -146,6 +147,11 @@ class Slide:
 
     def _ome_mpp(self) -> float | None:
         return ome_mpp(self._handle.properties.get("tiff.ImageDescription"))
+
+    def _imagej_mpp(self) -> float | None:
+        props = self._handle.properties
+        return imagej_mpp(props.get("tiff.ImageDescription"), props.get("tiff.XResolution"),
+                          props.get("tiff.YResolution"))
 
     @property
     def bounds(self) -> tuple[int, int, int, int]:
@@ -812,6 +818,30 @@ def resolve_mpp(slide: Slide, override: float | None = None) -> MppInfo:
 
 _OME_UNITS_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "micrometer": 1.0, "nm": 1e-3, "Å": 1e-4,
                  "pm": 1e-6, "mm": 1e3, "cm": 1e4, "m": 1e6, "in": 25400.0}
+
+
+def imagej_mpp(description: str | bytes | None, x_resolution, y_resolution) -> float | None:
+    """µm/px from an ImageJ/Fiji TIFF: ``unit=`` in its ImageDescription (``ImageJ=...`` lines) and
+    X/YResolution in pixels per that unit (no TIFF resolution unit). None when it is not one."""
+    if isinstance(description, bytes):
+        description = description.decode("utf-8", "replace")
+    if not description or not description.startswith("ImageJ="):
+        return None
+    fields = dict(line.split("=", 1) for line in description[:4096].splitlines() if "=" in line)
+    unit = fields.get("unit", "").strip().replace("\\u00B5", "µ").replace("\\u00b5", "µ")
+    factor = _OME_UNITS_UM.get(unit) or _OME_UNITS_UM.get(unit.lower())
+    values = []
+    for res in (x_resolution, y_resolution):
+        try:
+            res = float(res)
+        except (TypeError, ValueError):
+            return None
+        if not (math.isfinite(res) and res > 0):
+            return None
+        values.append(factor / res if factor else None)
+    if None in values:
+        return None
+    return sum(values) / 2
 
 
 def ome_mpp(description: str | bytes | None) -> float | None:
