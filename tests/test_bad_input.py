@@ -6,6 +6,7 @@ each bad input must still get exactly one error line of its own, and the good sl
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -206,6 +207,19 @@ def test_bench_takes_the_slide_mpp_its_message_asks_for(bad_run):
     assert '"patches": 8' in proc.stdout
 
 
+def test_bench_over_a_folder_with_a_bad_slide_fails_after_its_figures(bad_run, tmp_path):
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    shutil.copy(bad_run["paths"]["good"], folder / "good.svs")
+    shutil.copy(bad_run["paths"]["not_a_slide"], folder / "junk.svs")
+    proc = run_cli("bench", str(folder), "--model", "timm:test_vit", "--max-patches", "8", "--naive-patches", "0",
+                   "--json")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])  # the other slides' figures are still given
+    assert result["slides_failed"] == 1 and result["patches"] > 0
+    assert [line for line in error_lines(proc.stderr) if "junk.svs" in line]
+
+
 def test_a_target_mpp_coarser_than_100_um_is_a_unit_mistake(sample_slide, tmp_path):
     """--mpp 5000 used to give a 'done' store without a cell."""
     proc = run_cli("embed", str(sample_slide), "--out", str(tmp_path / "out"), "--mpp", "5000", *FAST)
@@ -221,3 +235,14 @@ def test_absurd_worker_counts_are_one_line_before_anything_is_made(sample_slide,
     proc = run_cli(command, str(sample_slide), *args, "--workers", "99999", *FAST[:4])
     assert_clean_failure(proc, out, "--workers must be between 0 and 128, got 99999")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_out_and_worker_counts_below_one_are_refused(sample_slide, tmp_path):
+    """--out "" (an unset $OUT) wrote into the working folder; --cluster-workers -2 waited for ever."""
+    for args, needle in [(("--out", ""), "--out: is empty"),
+                         (("--out", str(tmp_path / "o"), "--cluster", "local", "--cluster-workers", "-2"),
+                          "--cluster-workers"),
+                         (("--out", str(tmp_path / "o"), "--slurm-jobs", "0"), "--slurm-jobs")]:
+        proc = run_cli("embed", str(sample_slide), *args, *FAST, timeout=120)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -153,6 +153,26 @@ def test_list_files_csv_and_txt(cohort, tmp_path):
         build_jobs([tmp_path / "scan.svs"])
 
 
+@pytest.mark.parametrize("text, needle", [
+    ("path,slide_id\na.svs,A,\nb.svs,B,x\n", "line 3: 3 fields, but the header has 2 columns"),  # a trailing comma is fine
+    ("path,mpp\n# a comment\n\na.svs,0.5\n\nb.svs,abc\n", "line 6: mpp"),  # the file's own line numbers
+    ("path,slide_id\n,X\nb.svs,B\n", "line 2: no path"),
+    ("path;slide_id\na.svs;A\n", "separated by semicolons"),
+    ("filepath,slide_id\na.svs,A\n", "needs a 'path' column"),
+])
+def test_a_slide_list_mistake_is_one_line_naming_its_line(tmp_path, text, needle):
+    lst = tmp_path / "l.csv"
+    lst.write_text(text)
+    with pytest.raises(InvalidOption, match=needle):
+        read_list(lst)
+
+
+def test_a_trailing_comma_in_a_slide_list_is_harmless(tmp_path):
+    lst = tmp_path / "l.csv"
+    lst.write_text("path,slide_id,\na.svs,A,\n")
+    assert [(e.path.name, e.slide_id) for e in read_list(lst)] == [("a.svs", "A")]
+
+
 def test_explicit_ids_from_the_list_must_be_unique(tmp_path):
     lst = tmp_path / "l.csv"
     lst.write_text("path,slide_id\na.svs,case1\nb.svs,case1\n")

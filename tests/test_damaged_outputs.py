@@ -367,16 +367,23 @@ def test_a_repair_never_embeds_with_other_weights_than_recorded(sample_slide, tm
     torch.manual_seed(1)
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
     out = tmp_path / "out"
+    relative = os.path.relpath(weights, ROOT)  # as typed in the folder the run started from
     proc = run_cli("embed", str(sample_slide), "--out", str(out), "--model", "timm:test_resnet", "--weights",
-                   str(weights), "--workers", "0", "--no-maps")
+                   relative, "--workers", "0", "--no-maps")
     assert proc.returncode == 0, proc.stderr
     store = out / "CMU-1-Small-Region.zarr"
+    from wsi_embed import open_store
+
+    assert open_store(store).encoder_attrs()["weights_path"] == str(weights)  # a repair from elsewhere finds it
     next(p for p in (store / "timm-test_resnet" / "embeddings" / "c").rglob("*") if p.is_file()).unlink()
     torch.manual_seed(2)
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
     proc = run_cli("verify", str(store), "--repair")
     assert proc.returncode == 1, proc.stdout
     assert f"not repaired: the weights {weights} for timm:test_resnet are not those it was made with" in proc.stdout
+    weights.unlink()  # moved away: said so, not "cannot download the published weights"
+    proc = run_cli("verify", str(store), "--repair")
+    assert proc.returncode == 1 and f"{weights}, is gone" in proc.stdout, proc.stdout
 
 
 def test_the_qc_caption_lists_encoders_by_name():

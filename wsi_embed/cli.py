@@ -39,6 +39,13 @@ def _setup_logging(verbose: bool) -> None:
         sys.unraisablehook = lambda u: logging.getLogger(__name__).debug("cleanup: %r", u.exc_value)
 
 
+def _folder_option(name: str, value: str) -> Path:
+    """An empty folder name (an unset shell variable) would mean the current folder: refused."""
+    if not value.strip():
+        raise typer.BadParameter("is empty; name the output folder (e.g. --out out)", param_hint=name)
+    return Path(value)
+
+
 def _fail(message: str, code: int = EXIT_FAILED) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -107,7 +114,8 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print a JSON list
 def embed(
     slides: Optional[List[Path]] = typer.Argument(
         None, help="Slide files, or directories searched recursively for slides (svs, tif, ndpi, mrxs, ...)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory; one <slide_id>.zarr per slide."),
+    out: str = typer.Option(..., "--out", "-o", callback=lambda value: _folder_option("--out", value),
+                            help="Output directory; one <slide_id>.zarr per slide."),
     slide_list: Optional[Path] = typer.Option(
         None, "--list", help="CSV (columns path[, mpp, slide_id, tissue_mask, annotations]) or TXT (one path per line) of slides."),
     model: str = typer.Option("lunit-bt-rn50", "--model", "-m",
@@ -157,15 +165,15 @@ def embed(
     cluster: Optional[str] = typer.Option(
         None, help="Run with dask: 'local' (this machine), 'slurm' (dask-jobqueue) or a scheduler address."),
     cluster_workers: Optional[int] = typer.Option(
-        None, help="dask workers: local CPU workers (default: cores) or SLURM jobs (default --slurm-jobs)."),
+        None, min=1, help="dask workers: local CPU workers (default: cores) or SLURM jobs (default --slurm-jobs)."),
     cluster_config: Optional[Path] = typer.Option(
         None, help="JSON/YAML file of SLURM settings (queue, walltime, gres, cores, memory, jobs, account, ...)."),
     slurm_queue: Optional[str] = typer.Option(None, help="SLURM partition for --cluster slurm."),
     slurm_walltime: Optional[str] = typer.Option(None, help="SLURM time limit per job, HH:MM:SS."),
     slurm_gres: Optional[str] = typer.Option(None, help="SLURM generic resources per job, e.g. gpu:1."),
-    slurm_cores: Optional[int] = typer.Option(None, help="CPUs per SLURM job."),
+    slurm_cores: Optional[int] = typer.Option(None, min=1, help="CPUs per SLURM job."),
     slurm_memory: Optional[str] = typer.Option(None, help="Memory per SLURM job, e.g. 16GB."),
-    slurm_jobs: Optional[int] = typer.Option(None, help="Number of SLURM jobs (dask workers)."),
+    slurm_jobs: Optional[int] = typer.Option(None, min=1, help="Number of SLURM jobs (dask workers)."),
     max_cells: Optional[int] = typer.Option(
         None, help="Refuse slides whose grid would have more cells than this (default 2,000,000: more than a "
                    "whole 40x resection; more means a wrong resolution tag)."),
@@ -341,14 +349,18 @@ def bench(
         result = run_bench(target, model=model, weights=weights, options=opts,
                            max_patches=max_patches or None, naive_patches=naive_patches, slide_mpp=slide_mpp)
     except WsiEmbedError as exc:
-        _fail(str(exc))
+        _fail(str(exc), EXIT_WEIGHTS_UNAVAILABLE if isinstance(exc, WeightsUnavailable) else EXIT_FAILED)
     if as_json:
         typer.echo(json.dumps(result))
-        return
-    for key, value in result.items():
-        if key != "machine":
-            typer.echo(f"{key:<28} {value}")
-    typer.echo(f"{'machine':<28} {json.dumps(result['machine'])}")
+    else:
+        for key, value in result.items():
+            if key != "machine":
+                typer.echo(f"{key:<28} {value}")
+        typer.echo(f"{'machine':<28} {json.dumps(result['machine'])}")
+    if result.get("slides_failed"):  # the figures hold for the other slides only
+        for error in result.get("errors", []):
+            typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Sequence
@@ -127,28 +128,49 @@ def read_list(list_file: str | os.PathLike) -> list[SlideEntry]:
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidOption(f"{list_file}: cannot read the slide list ({exc})") from None
     base = list_file.parent
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = [(n, ln) for n, ln in enumerate(text.splitlines(), start=1)
+             if ln.strip() and not ln.lstrip().startswith("#")]
     if not lines:
         return []
-    first = next(csv.reader([lines[0]]))
-    header = [h.strip().lower() for h in first]
+    first_line = lines[0][1]
+    delim = "\t" if "\t" in first_line and "," not in first_line else ","
+    header = [h.strip().lower() for h in next(csv.reader([first_line], delimiter=delim))]
+    if "path" not in header:
+        _refuse_a_header_without_path(list_file, first_line)
+        return [SlideEntry(_resolve(base, ln.strip())) for _, ln in lines]
     entries = []
-    if "path" in header:
-        dialect_delim = "\t" if "\t" in lines[0] and "," not in lines[0] else ","
-        for n, row in enumerate(csv.DictReader(lines, delimiter=dialect_delim), start=2):
-            row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
-            if not row.get("path"):
-                continue
-            where = f"{list_file}, line {n}"
-            entries.append(SlideEntry(_resolve(base, row["path"]), _float_or_none(row.get("mpp"), where),
-                                      row.get("slide_id") or row.get("id") or None,
-                                      _resolve(base, row["tissue_mask"]) if row.get("tissue_mask") else None,
-                                      _resolve(base, row["annotations"]) if row.get("annotations") else None))
-    else:
-        if len(first) > 1 and any(h in ("mpp", "slide", "file", "filename") for h in header):
-            raise InvalidOption(f"{list_file}: a CSV slide list needs a 'path' column (found {first})")
-        entries = [SlideEntry(_resolve(base, ln.strip())) for ln in lines]
+    for n, line in lines[1:]:
+        where = f"{list_file}, line {n}"
+        fields = [f.strip() for f in next(csv.reader([line], delimiter=delim))]
+        if any(fields[len(header):]):
+            raise InvalidOption(f"{where}: {len(fields)} fields, but the header has {len(header)} columns; "
+                                "quote a path that holds a comma")
+        row = dict(zip(header, fields))
+        if not row.get("path"):
+            raise InvalidOption(f"{where}: no path; give each row's slide file in the 'path' column "
+                                "(or remove the row)")
+        entries.append(SlideEntry(_resolve(base, row["path"]), _float_or_none(row.get("mpp"), where),
+                                  row.get("slide_id") or row.get("id") or None,
+                                  _resolve(base, row["tissue_mask"]) if row.get("tissue_mask") else None,
+                                  _resolve(base, row["annotations"]) if row.get("annotations") else None))
     return entries
+
+
+_HEADER_WORDS = {"path", "mpp", "slide_id", "id", "tissue_mask", "annotations", "slide", "file", "filename",
+                 "filepath", "file_path", "slide_path", "image", "image_path"}
+
+
+def _refuse_a_header_without_path(list_file: Path, first_line: str) -> None:
+    """A first line that reads as a CSV header, but without a 'path' column (another name, or
+    another separator), would otherwise become a slide path itself."""
+    words = [w.strip().lower() for w in re.split(r"[,;\t]", first_line)]
+    if len(words) < 2 or not _HEADER_WORDS.intersection(words):
+        return
+    if ";" in first_line and "path" in words:
+        raise InvalidOption(f"{list_file}: the slide list is separated by semicolons; separate its columns "
+                            "with commas (or tabs)")
+    raise InvalidOption(f"{list_file}: a CSV slide list needs a 'path' column (its header is {first_line.strip()!r}); "
+                        "name the column of slide files 'path'")
 
 
 def _resolve(base: Path, text: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,7 +86,8 @@ def _from_file(cfg: EncoderConfig, spec: str, source: str, path: Path, url: str 
     module = build_module(cfg)
     load_strict(module, cfg, path)
     log.info("%s: loaded weights from %s", cfg.name, path)
-    return module, WeightsInfo(spec, source, str(path), url, sha256_file(path))
+    # absolute: a repair run from another folder must find the same file
+    return module, WeightsInfo(spec, source, os.path.abspath(path), url, sha256_file(path))
 
 
 def _published(cfg: EncoderConfig, spec: str) -> tuple[nn.Module, WeightsInfo]:
