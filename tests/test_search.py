@@ -370,3 +370,17 @@ def test_a_16_bit_grey_query_is_scaled_and_a_huge_one_refused(tmp_path):
     Image.new("L", (8000, 8000)).save(tmp_path / "big.png")
     with pytest.raises(InvalidQuery, match="8000 x 8000 px is a slide region, not a patch; crop the patch"):
         read_image(tmp_path / "big.png")
+
+
+def test_a_query_image_far_larger_than_a_patch_is_refused_and_a_large_one_warned(indexed, tmp_path, caplog):
+    """A whole slide given as --image was squeezed into one patch and searched."""
+    patch_px = open_index(indexed["index"]).manifest["grid"]["patch_px"]
+    big = tmp_path / "region.png"
+    Image.new("RGB", (9 * patch_px, 9 * patch_px), (200, 120, 160)).save(big)
+    with pytest.raises(InvalidQuery, match="more than 8 patches across"):
+        search(indexed["index"], image=big, top_k=1)
+    large = tmp_path / "large.png"
+    Image.new("RGB", (3 * patch_px, 3 * patch_px), (200, 120, 160)).save(large)
+    with caplog.at_level("WARNING"):
+        assert len(search(indexed["index"], image=large, top_k=1)["hits"]) == 1
+    assert any("over twice a" in r.getMessage() for r in caplog.records)

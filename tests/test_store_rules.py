@@ -228,3 +228,29 @@ def test_writer_kept_open_after_a_normal_block_and_guard(tmp_path):
     assert writer.state == "aborted" and not _leftovers(tmp_path) and not final.exists()
     with pytest.raises(RuntimeError, match="already aborted"):
         writer.create(**_geometry())
+
+
+def test_reading_commands_say_what_their_folder_is_instead(tmp_path):
+    """report, export, index and MIL said "no such folder" of a file that exists, and "none of its
+    0 stores" of a folder with none."""
+    from wsi_embed.errors import WsiEmbedError
+    from wsi_embed.report import rebuild
+    from wsi_embed.search import build_index
+    from wsi_embed.store import existing_output_folder
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    store = tmp_path / "out" / "s1.zarr"
+    store.mkdir(parents=True)
+    (store / "zarr.json").write_text("{}")
+    for path, needle in [(tmp_path / "nope", "no such output folder"), (a_file, "a file, not an output folder"),
+                         (store, f"one store, not an output folder; give the folder that holds the stores "
+                                 f"({tmp_path / 'out'})")]:
+        with pytest.raises(WsiEmbedError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            existing_output_folder(path)
+    assert existing_output_folder(store, store_ok=True) == store
+    with pytest.raises(WsiEmbedError, match="a file, not an output folder"):
+        rebuild(a_file)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WsiEmbedError, match="no \\*.zarr stores in it"):
+        build_index(tmp_path / "empty", "timm:test_vit")

@@ -432,7 +432,10 @@ def verify(
     from .verify import find_stores, repair_store, verify_store
 
     try:
-        stores = [s for t in targets for s in find_stores(t)]
+        stores = {}  # a store named twice (itself and its folder) is checked once
+        for store in (s for t in targets for s in find_stores(t)):
+            stores.setdefault(store.absolute(), store)
+        stores = list(stores.values())
         options = EmbedOptions(device=device, workers=workers)
     except WsiEmbedError as exc:
         _fail(str(exc))

@@ -50,7 +50,7 @@ import numpy as np
 from . import __version__
 from .errors import InvalidOption, WsiEmbedError
 from .atomic import TMP_MARK, owner_gone, write_atomic
-from .store import completed_encoders, enclosing_store, group_name, open_store, store_slide_id
+from .store import completed_encoders, enclosing_store, existing_output_folder, group_name, open_store, store_slide_id
 from .verify import find_stores, verify_store
 
 log = logging.getLogger(__name__)
@@ -348,9 +348,7 @@ def export_stores(out: str | os.PathLike, *, format: str, encoder: str, to: str 
     fmt = format.lower()
     if fmt not in WRITERS:
         raise InvalidOption(f"--format {format!r}: unknown export format; choose one of {', '.join(FORMATS)}")
-    out = Path(out)
-    if not out.is_dir():
-        raise WsiEmbedError(f"{out}: no such folder; give the folder passed to wsi-embed embed --out")
+    out = existing_output_folder(out, store_ok=True)
     stores = find_stores(out)
     name = resolve_encoder(stores, encoder)
     to = Path(to)

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from .errors import CorruptStore, EncoderMismatch, IncompleteStore, InvalidOption, LabelsError
-from .store import completed_encoders, group_name, open_store, store_slide_id
+from .store import completed_encoders, existing_output_folder, group_name, open_store, store_slide_id
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +188,7 @@ def _store_paths(stores: str | os.PathLike | Sequence[str | os.PathLike]) -> tup
         path = Path(stores)
         if path.suffix == ".zarr":
             return None, [path]
-        if not path.is_dir():
-            raise IncompleteStore(f"{path}: no such output folder; give the --out folder of wsi-embed embed")
+        existing_output_folder(path, IncompleteStore)
         return path, sorted(p for p in path.glob("*.zarr") if not p.name.startswith("."))
     paths = [Path(p) for p in stores]
     first: dict[str, Path] = {}

@@ -35,7 +35,7 @@ from .atomic import write_atomic
 from .machine import machine_info
 from .errors import WsiEmbedError
 from .locks import held_by_a_live_run
-from .store import completed_encoders, group_name, is_temporary, remove_stale_pictures, store_slide_id
+from .store import completed_encoders, existing_output_folder, group_name, is_temporary, remove_stale_pictures, store_slide_id
 
 log = logging.getLogger(__name__)
 
@@ -454,9 +454,7 @@ def render_report(out_dir: Path, rows: list[Row], runs: list[dict]) -> str:
 def write_report(out_dir: str | os.PathLike, *, attention: str | os.PathLike | None = None,
                  manifests: Sequence[os.PathLike] | None = None) -> Path:
     """Write ``<out>/report.html`` (atomically) and return its path."""
-    out_dir = Path(out_dir).absolute()
-    if not out_dir.is_dir():
-        raise NotAnOutputFolder(f"{out_dir}: no such output folder; give the --out folder of wsi-embed embed")
+    out_dir = existing_output_folder(Path(out_dir).absolute(), NotAnOutputFolder)
     if attention is not None and not Path(attention).is_dir():
         raise NotAnOutputFolder(f"--attention {attention}: no such folder; give the folder that "
                                 f"workflows/train_abmil.py wrote (holding {ATTENTION_DIR}/)")
@@ -472,9 +470,7 @@ def rebuild(out_dir: str | os.PathLike, *, maps: bool = False, clusters: int | N
             attention: str | os.PathLike | None = None) -> RunExtras:
     """``wsi-embed report OUT``: optionally redraw every store's maps with one cohort-fitted PCA per
     encoder, then write the page. Bad input raises; a store whose maps fail is a warning."""
-    out_dir = Path(out_dir).absolute()
-    if not out_dir.is_dir():
-        raise NotAnOutputFolder(f"{out_dir}: no such output folder; give the --out folder of wsi-embed embed")
+    out_dir = existing_output_folder(Path(out_dir).absolute(), NotAnOutputFolder)
     if not (any(p.suffix == ".zarr" for p in out_dir.iterdir()) or read_runs(out_dir)
             or _manifests(out_dir, [], None)):
         raise NotAnOutputFolder(f"{out_dir}: holds no stores, manifest or run record of wsi-embed; "

@@ -137,6 +137,23 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
+def existing_output_folder(path: str | os.PathLike, error: type[WsiEmbedError] = WsiEmbedError, *,
+                           store_ok: bool = False) -> Path:
+    """``path`` as the output folder of a run to read (report, export, index, MIL), else ``error``
+    saying what it is instead: missing, a file, or (unless ``store_ok``) one store."""
+    path = Path(path)
+    if not path.exists():
+        what = "no such output folder"
+    elif not path.is_dir():
+        what = "a file, not an output folder"
+    elif not store_ok and path.name.endswith(".zarr") and (path / "zarr.json").is_file():
+        what = f"one store, not an output folder; give the folder that holds the stores ({path.absolute().parent})"
+        raise error(f"{path}: {what}")
+    else:
+        return path
+    raise error(f"{path}: {what}; give the --out folder of wsi-embed embed")
+
+
 def ensure_writable(out_dir: Path) -> Path:
     """Create ``out_dir`` and prove a file can be written there, before any work is done."""
     out_dir = check_out_dir(out_dir)

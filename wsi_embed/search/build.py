@@ -27,7 +27,7 @@ import numpy as np
 from .. import __version__
 from ..errors import CorruptStore, EncoderMismatch, WsiEmbedError
 from ..atomic import swap_in_dir, tmp_suffix
-from ..store import group_name, is_temporary, open_store, store_slide_id
+from ..store import existing_output_folder, group_name, is_temporary, open_store, store_slide_id
 from ..verify import verify_store
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,8 @@ def _find_members(out_dir: Path, encoder: str) -> tuple[list[_Member], list[dict
 
 
 def _nothing_to_index(out_dir: Path, encoder: str, skipped: list[dict]) -> str:
+    if not skipped:
+        return f"{out_dir}: no *.zarr stores in it; give the folder passed to wsi-embed embed --out"
     if all(s["reason"] == f"no complete {encoder} group" for s in skipped):
         return (f"{out_dir}: none of its {len(skipped)} stores has a complete {encoder!r} group; "
                 f"embed with wsi-embed embed --model {encoder}, or name an encoder the stores hold")
@@ -150,9 +152,7 @@ def build_index(out_dir: str | os.PathLike, encoder: str, *, exact_max: int = EX
     holds at most ``exact_max`` patches, usearch HNSW above. Stores without a complete group of the
     encoder, or made with other weights or another grid, are skipped and named in a log line. An
     existing index is replaced only once the new one is complete."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise WsiEmbedError(f"{out_dir}: no such folder; give the folder passed to wsi-embed embed --out")
+    out_dir = existing_output_folder(out_dir)
     started = time.perf_counter()
     members, skipped = _find_members(out_dir, encoder)
     members = _agreeing(members, skipped)

@@ -111,6 +111,7 @@ def check_embedding(index: SearchIndex, embedding, encoder: str | None) -> np.nd
 
 
 MAX_QUERY_PIXELS = 50_000_000  # a patch query is a few hundred px; a bigger picture is a slide region
+MAX_QUERY_PATCHES = 8  # an image more than this many patches across is a region, not a patch
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -208,15 +209,22 @@ def embed_image(index: SearchIndex, pixels: np.ndarray, *, weights: str | None =
                               "rebuild the stores with this version, or search with the version that made them")
     patch_px = int(index.manifest["grid"]["patch_px"])
     h, w = pixels.shape[:2]
+    mpp = index.manifest["grid"].get("target_mpp")
+    at = f" at {mpp:g} µm/px" if mpp else ""
+    if min(h, w) > MAX_QUERY_PATCHES * patch_px:  # a region or a whole slide, not a patch
+        raise InvalidQuery(f"the image is {w} x {h} px, more than {MAX_QUERY_PATCHES} patches across; a query image "
+                           f"stands for one {patch_px} px patch{at}: crop the patch you mean (a whole slide is "
+                           "searched with --slide once it is embedded and indexed)")
+    if min(h, w) > 2 * patch_px:
+        log.warning("%s: the image is %d x %d px, over twice a %d px patch%s; it is shrunk to one patch, so its "
+                    "hits follow the whole picture, not its detail", index.path, w, h, patch_px, at)
     if max(h, w) > 1.15 * min(h, w):
         log.warning("%s: the image is %d x %d px, not square; it is stretched to a %d px patch",
                     index.path, w, h, patch_px)
     if min(h, w) < patch_px / 2:
-        mpp = index.manifest["grid"].get("target_mpp")
         log.warning("%s: the image is %d x %d px, under half a patch; it is enlarged %.0fx to %d px, so its hits "
                     "follow that blur more than its tissue: crop a %d px patch%s instead",
-                    index.path, w, h, patch_px / min(h, w), patch_px, patch_px,
-                    f" at {mpp:g} µm/px" if mpp else "")
+                    index.path, w, h, patch_px / min(h, w), patch_px, patch_px, at)
     x = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True))[None]  # torch wants it writable
     if (h, w) != (patch_px, patch_px):
         x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(patch_px, patch_px), mode="bilinear",
