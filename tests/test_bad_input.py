@@ -246,3 +246,14 @@ def test_an_empty_out_and_worker_counts_below_one_are_refused(sample_slide, tmp_
         proc = run_cli("embed", str(sample_slide), *args, *FAST, timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_options_that_would_be_ignored_are_refused(sample_slide, tmp_path):
+    """--annotation-classes without annotations embedded every cell; --cluster-workers without --cluster
+    did nothing."""
+    for args, needle in [(("--annotation-classes", "tumor"), "no annotations are given"),
+                         (("--cluster-workers", "3"), "--cluster-workers is for dask runs")]:
+        proc = run_cli("embed", str(sample_slide), "--out", str(tmp_path / "o"), *args, *FAST, timeout=120)
+        assert proc.returncode == 1 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert len(error_lines(proc.stderr)) == 1
+    assert not (tmp_path / "o").exists()

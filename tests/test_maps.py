@@ -116,6 +116,12 @@ def test_clusters_and_per_slide_maps_from_the_cli(planted_cohort, tmp_path):
     done = run_cli("inspect", str(one), "--maps")
     assert done.returncode == 0, done.stderr
     assert (out / "planted_003.timm-test_vit.map.png").is_file()
+    (out / "planted_003.timm-test_vit.map.png").unlink()
+    (out / "planted_003.timm-test_vit.clusters.png").unlink()
+    done = run_cli("inspect", str(one), "--clusters", "3")  # asks for the maps too, as report does
+    assert done.returncode == 0, done.stderr
+    assert (out / "planted_003.timm-test_vit.map.png").is_file()
+    assert (out / "planted_003.timm-test_vit.clusters.png").is_file()
     bad = run_cli("report", str(out), "--clusters", "1")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
 

@@ -185,6 +185,7 @@ def test_full_disk_fails_one_slide_in_one_line(slide_copy, tmp_path, monkeypatch
 def test_limits_and_options_are_checked(slide_copy, tmp_path):
     result = embed_slide(slide_copy, tmp_path / "out", [MODEL], "random", EmbedOptions(workers=0, max_cells=10))
     assert result.status == "failed" and "--max-cells" in result.error and str(slide_copy) in result.error
+    assert "check --mpp and --stride" in result.error
     assert not list((tmp_path / "out").glob("*.zarr"))
     with pytest.raises(InvalidOption, match="--lock-stale-after"):
         EmbedOptions(lock_stale_after=-5)

@@ -226,6 +226,15 @@ def embed(
             _fail("no slides given: pass slide files or directories, or --list FILE")
         jobs = plan_cohort(slides or [], slide_list, slide_mpp=slide_mpp, shard=parse_shard(shard), out_dir=out,
                            options=options)
+        if cluster is None:  # these would be ignored without it
+            given = [flag for flag, v in (("--cluster-workers", cluster_workers), ("--cluster-config", cluster_config),
+                                          ("--slurm-queue", slurm_queue), ("--slurm-walltime", slurm_walltime),
+                                          ("--slurm-gres", slurm_gres), ("--slurm-cores", slurm_cores),
+                                          ("--slurm-memory", slurm_memory), ("--slurm-jobs", slurm_jobs))
+                     if v is not None]
+            if given:
+                _fail(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for dask runs; add --cluster local, "
+                      "--cluster slurm or --cluster ADDRESS (or drop it)")
         slurm = SlurmSettings.from_file(cluster_config) if cluster_config else SlurmSettings()
         slurm = slurm.merged(queue=slurm_queue, walltime=slurm_walltime, gres=slurm_gres, cores=slurm_cores,
                              memory=slurm_memory, jobs=slurm_jobs)
@@ -489,7 +498,8 @@ def inspect_cmd(
     store: Path = typer.Argument(..., help="A store, <out>/<slide_id>.zarr."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (keys slide, grid, tissue, encoders, consistency)."),
     maps: bool = typer.Option(False, "--maps", help="Also draw the store's embedding maps beside it (PCA fitted on this slide)."),
-    clusters: Optional[int] = typer.Option(None, "--clusters", min=2, max=20, help="With --maps: also the k-means cluster map."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", min=2, max=20,
+                                           help="Also the k-means cluster map (implies --maps)."),
 ):
     """One store: slide, mpp and its source, grid, tissue, encoders (dim, dtype, weights, precision,
     decoder) and a consistency check (finite inside the mask, NaN outside, complete). Exit status 1
@@ -497,6 +507,7 @@ def inspect_cmd(
     _setup_logging(False)
     from .inspect import inspect_lines, inspect_store
 
+    maps = maps or clusters is not None  # as for report: asking for clusters asks for the maps
     try:
         info = inspect_store(store)
         drawn = []

@@ -57,6 +57,9 @@ def check_one_file_specs(jobs, opts) -> None:
     annotation to all of them."""
     from .errors import InvalidOption
 
+    if opts.annotation_classes and opts.annotations is None and not any(getattr(j, "annotations", None) for j in jobs):
+        raise InvalidOption("--annotation-classes keeps cells of those annotation classes, but no annotations are "
+                            "given; add --annotations (or an annotations column to the --list CSV)")
     for flag, spec, own in (("--tissue-mask", opts.tissue_mask, "tissue_mask"),
                             ("--annotations", opts.annotations, "annotations")):
         if spec is None or Path(spec).is_dir():

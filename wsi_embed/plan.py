@@ -97,8 +97,10 @@ def plan_slide(slide: Slide, mpp: MppInfo, opts: EmbedOptions, slide_id: str,
         w, h = slide.dimensions
         raise SlideOutOfLimits(
             f"{slide.path}: its grid would have {grid.rows} x {grid.cols} = {grid.n_cells:,} cells ({w} x {h} px "
-            f"at {mpp.mpp:g} µm/px, {mpp.source}), more than --max-cells {opts.max_cells:,}; check its resolution "
-            "(override it with --slide-mpp) or raise --max-cells")
+            f"at {mpp.mpp:g} µm/px, {mpp.source}, cells of {opts.grid.patch_px} px at --mpp {opts.grid.mpp:g}"
+            f"{f', stride {opts.grid.stride_px} px' if opts.grid.stride_px else ''}), more than --max-cells "
+            f"{opts.max_cells:,}; check --mpp and --stride, and the slide's resolution (override it with "
+            "--slide-mpp), or raise --max-cells")
     stop = cancel.is_set if cancel is not None else None
     mask_file = resolve(job.tissue_mask if job is not None and job.tissue_mask else opts.tissue_mask,
                         slide_id, MASK_SUFFIXES, "tissue mask")

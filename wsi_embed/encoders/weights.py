@@ -64,8 +64,9 @@ def resolve(cfg: EncoderConfig, spec: str = "auto") -> tuple[nn.Module, WeightsI
         return _url(cfg, spec)
     path = Path(spec).expanduser()
     if not path.is_file():  # a path mistake (exit 1), not published weights out of reach (exit 3)
+        what = "weights path is a folder, not a file" if path.is_dir() else "weights file not found"
         raise InvalidOption(
-            f"weights file not found: {path} (from --weights {spec}). --weights takes auto, "
+            f"{what}: {path} (from --weights {spec}). --weights takes auto, "
             "random, an existing file or an http(s) URL."
         )
     return _from_file(cfg, spec, "file", path, None)
