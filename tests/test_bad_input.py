@@ -252,8 +252,19 @@ def test_options_that_would_be_ignored_are_refused(sample_slide, tmp_path):
     """--annotation-classes without annotations embedded every cell; --cluster-workers without --cluster
     did nothing."""
     for args, needle in [(("--annotation-classes", "tumor"), "no annotations are given"),
-                         (("--cluster-workers", "3"), "--cluster-workers is for dask runs")]:
+                         (("--cluster-workers", "3"), "--cluster-workers is for dask runs"),
+                         (("--cluster", "local", "--slurm-jobs", "4", "--cluster-config", "c.yaml"),
+                          "--cluster-config, --slurm-jobs: for --cluster slurm only")]:
         proc = run_cli("embed", str(sample_slide), "--out", str(tmp_path / "o"), *args, *FAST, timeout=120)
         assert proc.returncode == 1 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert len(error_lines(proc.stderr)) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_embed_of_a_pipe_is_refused_not_waited_on(tmp_path):
+    import os
+
+    pipe = tmp_path / "pipe.svs"
+    os.mkfifo(pipe)  # reading it would block for ever
+    proc = run_cli("embed", str(pipe), "--out", str(tmp_path / "o"), *FAST, timeout=120)
+    assert proc.returncode == 1 and "not a regular file" in proc.stderr and "Traceback" not in proc.stderr

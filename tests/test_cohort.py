@@ -169,8 +169,11 @@ def test_a_slide_list_mistake_is_one_line_naming_its_line(tmp_path, text, needle
 
 def test_a_trailing_comma_in_a_slide_list_is_harmless(tmp_path):
     lst = tmp_path / "l.csv"
-    lst.write_text("path,slide_id,\na.svs,A,\n")
+    lst.write_text("path,slide_id,\na.svs,A,\n,,\n")  # and an empty row a spreadsheet left
     assert [(e.path.name, e.slide_id) for e in read_list(lst)] == [("a.svs", "A")]
+    txt = tmp_path / "l.txt"
+    txt.write_text("image,1.svs\nslides/b.svs\n")  # a TXT list whose first path holds a comma
+    assert [e.path.name for e in read_list(txt)] == ["image,1.svs", "b.svs"]
 
 
 def test_explicit_ids_from_the_list_must_be_unique(tmp_path):

@@ -383,7 +383,7 @@ def test_a_repair_never_embeds_with_other_weights_than_recorded(sample_slide, tm
     assert f"not repaired: the weights {weights} for timm:test_resnet are not those it was made with" in proc.stdout
     weights.unlink()  # moved away: said so, not "cannot download the published weights"
     proc = run_cli("verify", str(store), "--repair")
-    assert proc.returncode == 1 and f"{weights}, is gone" in proc.stdout, proc.stdout
+    assert proc.returncode == 1 and f"{weights} (the weights timm:test_resnet was made with) is gone" in proc.stdout, proc.stdout
 
 
 def test_the_qc_caption_lists_encoders_by_name():

@@ -364,6 +364,13 @@ def test_a_file_whose_first_image_is_not_its_largest_is_refused(big_rgb, tmp_pat
     with open_slide(write_pyramid(tmp_path / "fine.tif", [big_rgb, small], compression="jpeg",
                                   photometric="rgb")) as slide:
         assert slide.dimensions == (2048, 2048)
+    # a small cropped export that kept its (stripped) macro image: the macro is no slide level
+    cropped = tmp_path / "cropped.tif"
+    with tifffile.TiffWriter(cropped) as tif:
+        tif.write(small, tile=(128, 128), compression="jpeg", photometric="rgb")
+        tif.write(big_rgb, photometric="rgb", subfiletype=1, rowsperstrip=16)
+    with open_slide(cropped) as slide:
+        assert slide.dimensions == (256, 256)
 
 
 def test_patches_are_not_read_from_a_miscoloured_level(big_rgb, tmp_path, caplog):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -224,17 +225,17 @@ def embed(
             check_slide_mpp(slide_mpp)
         if not slides and slide_list is None:
             _fail("no slides given: pass slide files or directories, or --list FILE")
+        slurm_given = [flag for flag, v in (("--cluster-config", cluster_config), ("--slurm-queue", slurm_queue),
+                                            ("--slurm-walltime", slurm_walltime), ("--slurm-gres", slurm_gres),
+                                            ("--slurm-cores", slurm_cores), ("--slurm-memory", slurm_memory),
+                                            ("--slurm-jobs", slurm_jobs)) if v is not None]
+        if slurm_given and cluster != "slurm":  # they would be ignored
+            _fail(f"{', '.join(slurm_given)}: for --cluster slurm only; add it (or drop them)")
+        if cluster_workers is not None and cluster is None:
+            _fail("--cluster-workers is for dask runs; add --cluster local, --cluster slurm or --cluster ADDRESS "
+                  "(or drop it)")
         jobs = plan_cohort(slides or [], slide_list, slide_mpp=slide_mpp, shard=parse_shard(shard), out_dir=out,
                            options=options)
-        if cluster is None:  # these would be ignored without it
-            given = [flag for flag, v in (("--cluster-workers", cluster_workers), ("--cluster-config", cluster_config),
-                                          ("--slurm-queue", slurm_queue), ("--slurm-walltime", slurm_walltime),
-                                          ("--slurm-gres", slurm_gres), ("--slurm-cores", slurm_cores),
-                                          ("--slurm-memory", slurm_memory), ("--slurm-jobs", slurm_jobs))
-                     if v is not None]
-            if given:
-                _fail(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for dask runs; add --cluster local, "
-                      "--cluster slurm or --cluster ADDRESS (or drop it)")
         slurm = SlurmSettings.from_file(cluster_config) if cluster_config else SlurmSettings()
         slurm = slurm.merged(queue=slurm_queue, walltime=slurm_walltime, gres=slurm_gres, cores=slurm_cores,
                              memory=slurm_memory, jobs=slurm_jobs)
@@ -441,9 +442,9 @@ def verify(
     from .verify import find_stores, repair_store, verify_store
 
     try:
-        stores = {}  # a store named twice (itself and its folder) is checked once
+        stores = {}  # a store named twice (itself and its folder, or through a link) is checked once
         for store in (s for t in targets for s in find_stores(t)):
-            stores.setdefault(store.absolute(), store)
+            stores.setdefault(os.path.realpath(store), store)
         stores = list(stores.values())
         options = EmbedOptions(device=device, workers=workers)
     except WsiEmbedError as exc:

@@ -319,7 +319,8 @@ class BurstReader:
                 reads = {i: pool.submit(dataset.__getitem__, burst[i]) for i in order}
                 yield from [reads[i].result() for i in range(len(burst))]  # all read before any is used
         finally:
-            pool.shutdown(wait=True)  # interrupted here, handles are left open rather than closed mid-read
+            # interrupted or failed here: reads not started are dropped, handles left open rather than closed mid-read
+            pool.shutdown(wait=True, cancel_futures=True)
             for cache in caches:  # the threads' own slide handles
                 cache.clear()
 

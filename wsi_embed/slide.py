@@ -481,6 +481,8 @@ def ensure_intact(path: str | os.PathLike) -> None:
     """Raise if a TIFF-family slide is truncated. Run once per slide before embedding (not on every
     open: loader workers reopen slides and need not parse every directory again)."""
     path = Path(path)
+    if not path.is_file():  # a folder (DICOM), or a pipe that open_slide refuses: reading it would block
+        return
     damage = tiff_damage(path) if _looks_like_tiff(path) else None
     if damage:
         raise UnreadableSlide(f"{path}: the slide file is truncated or corrupt ({damage}); re-copy or re-export it")
@@ -742,7 +744,8 @@ def _check_level0_is_largest(slide: Slide, ifds: list[_Ifd]) -> None:
     """Refuse a file whose reader takes a smaller image for level 0 than one the file holds (an
     overview written first, a pyramid written smallest first): its patches would be upsampled from it."""
     w0, h0 = slide.dimensions
-    larger = [i for i in ifds if i.width >= 2 * w0 and i.height >= 2 * h0]
+    # tiled images only: a stripped macro or label kept beside a small cropped export is not a slide level
+    larger = [i for i in ifds if i.tile_width and i.width >= 2 * w0 and i.height >= 2 * h0]
     if larger:
         big = max(larger, key=lambda i: i.width * i.height)
         raise UnsupportedSlide(

@@ -546,8 +546,7 @@ def _other_weights(encoders: dict[str, dict]) -> str | None:
             continue
         recorded = enc.get("weights_path")
         if enc.get("weights_source") == "file" and recorded and not Path(recorded).is_file():
-            return (f"the weights file {name} was made with, {recorded}, is gone (or the store recorded it relative "
-                    "to another folder); put it back there and repair again")
+            return (f"{recorded} (the weights {name} was made with) is gone; put it back there and repair again")
         spec = _weights_for(enc)
         have = expected_weights(name, spec).sha256
         if have and have != want:

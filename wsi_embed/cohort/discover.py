@@ -142,6 +142,8 @@ def read_list(list_file: str | os.PathLike) -> list[SlideEntry]:
     for n, line in lines[1:]:
         where = f"{list_file}, line {n}"
         fields = [f.strip() for f in next(csv.reader([line], delimiter=delim))]
+        if not any(fields):  # ",,": a row a spreadsheet left empty
+            continue
         if any(fields[len(header):]):
             raise InvalidOption(f"{where}: {len(fields)} fields, but the header has {len(header)} columns; "
                                 "quote a path that holds a comma")
@@ -166,6 +168,8 @@ def _refuse_a_header_without_path(list_file: Path, first_line: str) -> None:
     words = [w.strip().lower() for w in re.split(r"[,;\t]", first_line)]
     if len(words) < 2 or not _HEADER_WORDS.intersection(words):
         return
+    if any("/" in w or "\\" in w or re.search(r"\.[a-z0-9]{2,5}$", w) for w in words):
+        return  # a path with a comma in it (a TXT list), not a header
     if ";" in first_line and "path" in words:
         raise InvalidOption(f"{list_file}: the slide list is separated by semicolons; separate its columns "
                             "with commas (or tabs)")

@@ -200,13 +200,6 @@ def embed_image(index: SearchIndex, pixels: np.ndarray, *, weights: str | None =
 
     from ..infer import EncoderRunner
 
-    enc = index.manifest["encoder_attrs"]
-    encoder = load_index_encoder(index, weights)
-    if [round(v, 8) for v in encoder.config.mean] != [round(v, 8) for v in enc.get("mean", encoder.config.mean)] \
-            or [round(v, 8) for v in encoder.config.std] != [round(v, 8) for v in enc.get("std", encoder.config.std)]:
-        raise WeightsMismatch(f"{index.path}: {index.encoder} now normalises with mean/std {encoder.config.mean}/"
-                              f"{encoder.config.std}, the stores used {enc.get('mean')}/{enc.get('std')}; "
-                              "rebuild the stores with this version, or search with the version that made them")
     patch_px = int(index.manifest["grid"]["patch_px"])
     h, w = pixels.shape[:2]
     mpp = index.manifest["grid"].get("target_mpp")
@@ -215,6 +208,13 @@ def embed_image(index: SearchIndex, pixels: np.ndarray, *, weights: str | None =
         raise InvalidQuery(f"the image is {w} x {h} px, more than {MAX_QUERY_PATCHES} patches across; a query image "
                            f"stands for one {patch_px} px patch{at}: crop the patch you mean (a whole slide is "
                            "searched with --slide once it is embedded and indexed)")
+    enc = index.manifest["encoder_attrs"]
+    encoder = load_index_encoder(index, weights)
+    if [round(v, 8) for v in encoder.config.mean] != [round(v, 8) for v in enc.get("mean", encoder.config.mean)] \
+            or [round(v, 8) for v in encoder.config.std] != [round(v, 8) for v in enc.get("std", encoder.config.std)]:
+        raise WeightsMismatch(f"{index.path}: {index.encoder} now normalises with mean/std {encoder.config.mean}/"
+                              f"{encoder.config.std}, the stores used {enc.get('mean')}/{enc.get('std')}; "
+                              "rebuild the stores with this version, or search with the version that made them")
     if min(h, w) > 2 * patch_px:
         log.warning("%s: the image is %d x %d px, over twice a %d px patch%s; it is shrunk to one patch, so its "
                     "hits follow the whole picture, not its detail", index.path, w, h, patch_px, at)
