@@ -264,7 +264,7 @@ def test_bad_options_fail_with_one_line(planted_cohort, tmp_path, case):
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in proc.stderr
     expected = {"format": ("cellprofiler", "trident, clam, stamp"),
                 "encoder": ("lunit-bt-rn50", "timm:test_vit"),
-                "out": ("nowhere", "wsi-embed embed --out")}[case]
+                "out": ("nowhere", "no such output folder", "--out folder of wsi-embed embed")}[case]
     assert all(word in err[0] for word in expected), err[0]
     assert not (tmp_path / "to").exists() or not any((tmp_path / "to").rglob("*.h5"))
 
