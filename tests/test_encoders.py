@@ -384,3 +384,15 @@ def test_missing_weights_leave_no_output_folders_behind(tmp_path, sample_slide, 
     assert run_cli("embed", str(sample_slide), "--out", str(kept), "--model", "lunit-dino-vits8",
                    env={"TORCH_HOME": str(tmp_path / "empty-cache")}, timeout=300).returncode == 3
     assert kept.is_dir()  # a folder the user made stays
+    # bench says it the same way: exit 3, one line
+    proc = run_cli("bench", str(sample_slide), "--model", "lunit-dino-vits8", "--weights", "auto", "--max-patches", "8",
+                   env={"TORCH_HOME": str(tmp_path / "empty-cache")}, timeout=300)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr and "lunit-dino-vits8" in proc.stderr
+
+
+def test_weights_given_as_a_folder_say_so(tmp_path):
+    from wsi_embed.encoders import load_encoder
+    from wsi_embed.errors import InvalidOption
+
+    with pytest.raises(InvalidOption, match="weights path is a folder, not a file"):
+        load_encoder("timm:test_vit", str(tmp_path))
