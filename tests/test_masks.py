@@ -176,7 +176,7 @@ def test_each_bad_mask_or_annotation_fails_its_slide_alone_in_one_line(slide, ba
     cases = {  # slide id -> (mask, annotations, what the error says)
         "ratio": (files / "square.png", "", "aspect ratios differ"),
         "unreadable_mask": (files / "garbage.png", "", "cannot read the tissue mask"),
-        "missing_mask": (files / "nothere.png", "", "tissue mask not found"),
+        "missing_mask": (files / "nothere.png", "", "tissue mask of slide missing_mask not found"),
         "unreadable_geojson": ("", files / "broken.geojson", "cannot read the annotations"),
         "empty_polygon": ("", files / "empty.geojson", "empty polygon"),
         "outside": ("", files / "outside.geojson", "outside the slide"),

@@ -47,7 +47,7 @@ def resolve(spec: str | Path | None, slide_id: str, suffixes: tuple[str, ...], w
         raise MaskNotFound(f"{spec}: no {what} for slide {slide_id} (looked for {slide_id}"
                            f"{'|'.join(suffixes)}); add it, or give this slide's file in the --list CSV")
     if not spec.is_file():
-        raise MaskNotFound(f"{spec}: {what} not found; check the path")
+        raise MaskNotFound(f"{spec}: {what} of slide {slide_id} not found; check the path")
     return spec
 
 
