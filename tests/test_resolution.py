@@ -266,6 +266,7 @@ def test_dicom_without_extension_and_several_series(tmp_path, dicom_series_dir):
 def test_an_imagej_calibration_is_read(tmp_path):
     """Fiji/ImageJ TIFFs keep their calibration as ``unit=um`` in the description and pixels per unit
     in X/YResolution (no TIFF resolution unit)."""
+    from wsi_embed.errors import SlideOutOfLimits
     from wsi_embed.slide import imagej_mpp, open_slide, resolve_mpp
 
     rgb = np.full((300, 200, 3), 200, np.uint8)
@@ -278,3 +279,7 @@ def test_an_imagej_calibration_is_read(tmp_path):
     assert imagej_mpp("ImageJ=1.54f\nunit=mm\n", 2000.0, 2000.0) == 0.5
     assert imagej_mpp("ImageJ=1.54f\nunit=pixel\n", 1.0, 1.0) is None  # uncalibrated
     assert imagej_mpp("not ImageJ", 2.0, 2.0) is None
+    oblong = tmp_path / "oblong.tif"  # pixels 0.5 x 0.6 µm: refused like any non-square calibration
+    tifffile.imwrite(oblong, rgb, imagej=True, resolution=(2.0, 1 / 0.6), metadata={"unit": "um"})
+    with open_slide(oblong) as slide, pytest.raises(SlideOutOfLimits, match="not square"):
+        resolve_mpp(slide)

@@ -149,9 +149,18 @@ class Slide:
         return ome_mpp(self._handle.properties.get("tiff.ImageDescription"))
 
     def _imagej_mpp(self) -> float | None:
+        x, y = self._imagej_mpp_xy()
+        return None if x is None else (x + y) / 2
+
+    def _imagej_mpp_xy(self) -> tuple[float | None, float | None]:
         props = self._handle.properties
-        return imagej_mpp(props.get("tiff.ImageDescription"), props.get("tiff.XResolution"),
-                          props.get("tiff.YResolution"))
+        return imagej_mpp_xy(props.get("tiff.ImageDescription"), props.get("tiff.XResolution"),
+                             props.get("tiff.YResolution"))
+
+    def stated_mpp_xy(self) -> tuple[float | None, float | None]:
+        """(x, y) µm/px as the file states them: the reader's, else an ImageJ calibration's."""
+        x, y = self.reader_mpp_xy()
+        return (x, y) if x is not None or y is not None else self._imagej_mpp_xy()
 
     @property
     def bounds(self) -> tuple[int, int, int, int]:
@@ -803,7 +812,7 @@ def resolve_mpp(slide: Slide, override: float | None = None) -> MppInfo:
             raise SlideOutOfLimits(
                 f"{slide.path}: the file says {mpp:.4g} µm/px, finer than any microscope scan "
                 f"(limit {MPP_MIN}); if the metadata is wrong, pass the real resolution with --slide-mpp")
-        x, y = slide.reader_mpp_xy()
+        x, y = slide.stated_mpp_xy()
         if x is not None and y is not None and max(x, y) > MAX_PIXEL_ASPECT * min(x, y):
             raise SlideOutOfLimits(
                 f"{slide.path}: its pixels are not square ({x:.4g} µm/px across, {y:.4g} down), so square patches "
@@ -824,12 +833,19 @@ _OME_UNITS_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "micrometer":
 
 
 def imagej_mpp(description: str | bytes | None, x_resolution, y_resolution) -> float | None:
-    """µm/px from an ImageJ/Fiji TIFF: ``unit=`` in its ImageDescription (``ImageJ=...`` lines) and
-    X/YResolution in pixels per that unit (no TIFF resolution unit). None when it is not one."""
+    """µm/px from an ImageJ/Fiji TIFF (the mean of x and y, see :func:`imagej_mpp_xy`)."""
+    x, y = imagej_mpp_xy(description, x_resolution, y_resolution)
+    return None if x is None else (x + y) / 2
+
+
+def imagej_mpp_xy(description: str | bytes | None, x_resolution,
+                  y_resolution) -> tuple[float | None, float | None]:
+    """(x, y) µm/px from an ImageJ/Fiji TIFF: ``unit=`` in its ImageDescription (``ImageJ=...`` lines)
+    and X/YResolution in pixels per that unit (no TIFF resolution unit); (None, None) when it is not one."""
     if isinstance(description, bytes):
         description = description.decode("utf-8", "replace")
     if not description or not description.startswith("ImageJ="):
-        return None
+        return None, None
     fields = dict(line.split("=", 1) for line in description[:4096].splitlines() if "=" in line)
     unit = fields.get("unit", "").strip().replace("\\u00B5", "µ").replace("\\u00b5", "µ")
     factor = _OME_UNITS_UM.get(unit) or _OME_UNITS_UM.get(unit.lower())
@@ -838,13 +854,13 @@ def imagej_mpp(description: str | bytes | None, x_resolution, y_resolution) -> f
         try:
             res = float(res)
         except (TypeError, ValueError):
-            return None
+            return None, None
         if not (math.isfinite(res) and res > 0):
-            return None
+            return None, None
         values.append(factor / res if factor else None)
     if None in values:
-        return None
-    return sum(values) / 2
+        return None, None
+    return values[0], values[1]
 
 
 def ome_mpp(description: str | bytes | None) -> float | None:
