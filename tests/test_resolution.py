@@ -277,6 +277,7 @@ def test_an_imagej_calibration_is_read(tmp_path):
     assert info.source == "metadata" and abs(info.mpp - 0.499) < 1e-6
     assert imagej_mpp("ImageJ=1.54f\nunit=\\u00B5m\n", 4.0, 4.0) == 0.25  # as Fiji writes µ
     assert imagej_mpp("ImageJ=1.54f\nunit=mm\n", 2000.0, 2000.0) == 0.5
+    assert imagej_mpp("ImageJ=1.54f\nunit=microns\n", 2.0, 2.0) == 0.5
     assert imagej_mpp("ImageJ=1.54f\nunit=pixel\n", 1.0, 1.0) is None  # uncalibrated
     assert imagej_mpp("not ImageJ", 2.0, 2.0) is None
     oblong = tmp_path / "oblong.tif"  # pixels 0.5 x 0.6 µm: refused like any non-square calibration
