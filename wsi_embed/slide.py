@@ -829,8 +829,7 @@ def resolve_mpp(slide: Slide, override: float | None = None) -> MppInfo:
 
 
 _OME_UNITS_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "nm": 1e-3,
-                 "Å": 1e-4,
-                 "pm": 1e-6, "mm": 1e3, "cm": 1e4, "m": 1e6, "in": 25400.0}
+                 "Å": 1e-4, "pm": 1e-6, "mm": 1e3, "cm": 1e4, "m": 1e6, "in": 25400.0}
 
 
 def imagej_mpp(description: str | bytes | None, x_resolution, y_resolution) -> float | None:
