@@ -116,7 +116,7 @@ def embed(
     slides: Optional[List[Path]] = typer.Argument(
         None, help="Slide files, or directories searched recursively for slides (svs, tif, ndpi, mrxs, ...)."),
     out: str = typer.Option(..., "--out", "-o", callback=lambda value: _folder_option("--out", value),
-                            help="Output directory; one <slide_id>.zarr per slide."),
+                            metavar="DIR", help="Output directory; one <slide_id>.zarr per slide."),
     slide_list: Optional[Path] = typer.Option(
         None, "--list", help="CSV (columns path[, mpp, slide_id, tissue_mask, annotations]) or TXT (one path per line) of slides."),
     model: str = typer.Option("lunit-bt-rn50", "--model", "-m",
