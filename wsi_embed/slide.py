@@ -148,14 +148,15 @@ class Slide:
     def _ome_mpp(self) -> float | None:
         return ome_mpp(self._handle.properties.get("tiff.ImageDescription"))
 
+    def _imagej_tags(self) -> tuple:
+        props = self._handle.properties
+        return props.get("tiff.ImageDescription"), props.get("tiff.XResolution"), props.get("tiff.YResolution")
+
     def _imagej_mpp(self) -> float | None:
-        x, y = self._imagej_mpp_xy()
-        return None if x is None else (x + y) / 2
+        return imagej_mpp(*self._imagej_tags())
 
     def _imagej_mpp_xy(self) -> tuple[float | None, float | None]:
-        props = self._handle.properties
-        return imagej_mpp_xy(props.get("tiff.ImageDescription"), props.get("tiff.XResolution"),
-                             props.get("tiff.YResolution"))
+        return imagej_mpp_xy(*self._imagej_tags())
 
     def stated_mpp_xy(self) -> tuple[float | None, float | None]:
         """(x, y) µm/px as the file states them: the reader's, else an ImageJ calibration's."""

@@ -142,16 +142,13 @@ def existing_output_folder(path: str | os.PathLike, error: type[WsiEmbedError] =
     """``path`` as the output folder of a run to read (report, export, index, MIL), else ``error``
     saying what it is instead: missing, a file, or (unless ``store_ok``) one store."""
     path = Path(path)
-    if not path.exists():
-        what = "no such output folder"
-    elif not path.is_dir():
-        what = "a file, not an output folder"
-    elif not store_ok and path.name.endswith(".zarr") and (path / "zarr.json").is_file():
-        what = f"one store, not an output folder; give the folder that holds the stores ({path.absolute().parent})"
-        raise error(f"{path}: {what}")
-    else:
-        return path
-    raise error(f"{path}: {what}; give the --out folder of wsi-embed embed")
+    if not path.is_dir():
+        what = "no such output folder" if not path.exists() else "a file, not an output folder"
+        raise error(f"{path}: {what}; give the --out folder of wsi-embed embed")
+    if not store_ok and enclosing_store(path) == path.absolute():
+        raise error(f"{path}: one store, not an output folder; give the folder that holds the stores "
+                    f"({path.absolute().parent})")
+    return path
 
 
 def ensure_writable(out_dir: Path) -> Path:

@@ -550,7 +550,7 @@ def _other_weights(encoders: dict[str, dict]) -> str | None:
         spec = _weights_for(enc)
         have = expected_weights(name, spec).sha256
         if have and have != want:
-            where = enc.get("weights_path") or "the weights folder"
+            where = recorded or "the weights folder"
             return (f"the weights {spec} for {name} are not those it was made with (sha256 {have[:12]}, the store "
                     f"records {want[:12]}); put those back at {where} and repair again")
     return None
