@@ -225,6 +225,15 @@ def test_shard_slurm_on_the_cli_outside_an_array(tmp_path, cohort):
     assert "Traceback" not in proc.stderr
 
 
+def test_an_empty_shard_names_no_manifest(biopsies, tmp_path):
+    (tmp_path / "one").mkdir()
+    shutil.copy(biopsies[0], tmp_path / "one" / "a.tif")
+    proc = run_cli("embed", str(tmp_path / "one"), "--out", str(tmp_path / "o"), "--shard", "1/2", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 slides" in proc.stdout and "no manifest (no slide ran)" in proc.stdout
+    assert not (tmp_path / "o" / "manifest.csv").exists()
+
+
 def test_three_shards_embed_each_slide_once(biopsies, tmp_path):
     out = tmp_path / "out"
     for i in range(3):

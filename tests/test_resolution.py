@@ -54,6 +54,24 @@ def test_dpi_default_falls_through_to_objective_power(tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("field, mpp, source, warned", [
+    ("0,4990", 0.499, "metadata", False),  # a scanner in a decimal-comma locale
+    ("0.0000", 0.5, "objective-power", True), ("NaN   ", 0.5, "objective-power", True),
+])
+def test_an_aperio_mpp_field_with_a_comma_or_no_value(sample_slide, tmp_path, caplog, backend, field, mpp, source,
+                                                      warned):
+    data = sample_slide.read_bytes()
+    assert b"MPP = 0.4990" in data  # in each image's description
+    path = tmp_path / "s.svs"
+    path.write_bytes(data.replace(b"MPP = 0.4990", b"MPP = " + field.encode()))
+    with open_slide(path, backend=backend) as s, caplog.at_level("WARNING"):
+        got = resolve_mpp(s)
+    assert (got.mpp, got.source) == (pytest.approx(mpp), source)
+    said = [r.getMessage() for r in caplog.records if "µm/px, not a resolution" in r.getMessage()]
+    assert len(said) == warned and all(str(path) in line and "--slide-mpp" in line for line in said)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_finer_than_0_05_um_is_refused_unless_overridden(tmp_path, backend):
     path = _tiff(tmp_path / "tiny.tif", resolution=(1e6, 1e6), resolutionunit="CENTIMETER")  # 0.01 µm/px
     with open_slide(path, backend=backend) as s:

@@ -244,8 +244,16 @@ def test_ctrl_c_in_a_cohort_prints_one_line_and_no_traceback(sample_slide, tmp_p
     assert proc.poll() is None, "the run ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err, err
+    assert proc.returncode == 130 and "interrupted; completed stores are kept, rerun to resume" in err, err
     assert "Traceback" not in err, err
     for store in out.glob("*.zarr"):
         assert open_store(store, verify=True).attrs["wsi_embed"]
     assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name.endswith(".zarr")]
+
+
+def test_only_embed_says_completed_stores_are_kept():
+    from wsi_embed.cli import _interrupted_line
+
+    assert "rerun to resume" in _interrupted_line(["wsi-embed", "embed", "s.svs", "--out", "o"])
+    assert _interrupted_line(["wsi-embed", "bench", "s.svs"]) == "interrupted"  # a bench keeps no store
+    assert _interrupted_line(["wsi-embed"]) == "interrupted"

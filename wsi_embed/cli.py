@@ -276,7 +276,8 @@ def embed(
     extras = finish_run(out, summary, maps=maps, clusters=clusters)  # never fails the run: warnings only
     if extras.report is not None:
         typer.echo(f"report: {extras.report}")
-    typer.echo(f"summary: {summary.line()}; manifest {summary.manifest}")
+    written = summary.manifest is not None and Path(summary.manifest).exists()
+    typer.echo(f"summary: {summary.line()}; " + (f"manifest {summary.manifest}" if written else "no manifest (no slide ran)"))
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
 
@@ -577,16 +578,22 @@ def _terminated(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _interrupted_line(argv: list[str]) -> str:
+    """Only ``embed`` keeps stores to resume from (a bench keeps none)."""
+    command = next((a for a in argv[1:] if not a.startswith("-")), "")
+    return "interrupted; completed stores are kept, rerun to resume" if command == "embed" else "interrupted"
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except KeyboardInterrupt:
-        typer.echo("interrupted; completed stores are kept, rerun to resume", err=True)
+        typer.echo(_interrupted_line(sys.argv), err=True)
         sys.exit(130)
     except SystemExit as exc:  # typer turns an interrupt into a silent exit 130
         if exc.code == 130:
-            typer.echo("interrupted; completed stores are kept, rerun to resume", err=True)
+            typer.echo(_interrupted_line(sys.argv), err=True)
         raise
 
 

@@ -61,7 +61,7 @@ def _prepare(job: SlideJob, key: int, out_dir: Path, encoders: list, opts: Embed
                     f", without its other encoder groups ({', '.join(others)})" if others else "")
     # the writer is left open for the executor to commit; any failure here removes its temporaries
     with open_slide(job.path, backend=opts.backend) as slide, StoreWriter(final, append=append) as writer:
-        mpp = resolve_mpp(slide, job.slide_mpp)
+        mpp = resolve_mpp(slide, job.slide_mpp, warn=False)  # _preflight warned
         if append:  # add (or, under --overwrite, replace) groups; other groups are kept
             run.fingerprint = fingerprint(job.path)
             with read_guard(final, "mask"):

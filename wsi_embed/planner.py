@@ -46,7 +46,7 @@ def plan_slide_file(job: SlideJob, opts: EmbedOptions) -> SlidePlan:
     from .slide import open_slide, resolve_mpp
 
     with open_slide(job.path, backend=opts.backend) as slide:
-        return plan_slide(slide, resolve_mpp(slide, job.slide_mpp), opts, job.slide_id, job=job)
+        return plan_slide(slide, resolve_mpp(slide, job.slide_mpp, warn=False), opts, job.slide_id, job=job)
 
 
 def _init_planning_process(parent: int) -> None:

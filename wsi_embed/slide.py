@@ -96,12 +96,7 @@ class Slide:
 
     @property
     def objective_power(self) -> float | None:
-        value = self._prop("objective-power")
-        try:
-            power = float(value) if value is not None else None
-        except ValueError:
-            return None
-        return power if power and power > 0 else None
+        return _positive_number(self._prop("objective-power"))
 
     @property
     def metadata_mpp(self) -> float | None:
@@ -116,7 +111,8 @@ class Slide:
         Values above MPP_MAX (a 72/96 dpi default) are skipped; values below MPP_MIN are
         returned so that :func:`resolve_mpp` can refuse them.
         """
-        ignored = None
+        unusable = self._unusable_reader_mpp()
+        ignored = f"its resolution metadata says {unusable!r} µm/px, not a resolution" if unusable else None
         for where, read in (("resolution metadata", self._reader_mpp), ("OME-XML", self._ome_mpp),
                             ("ImageJ calibration", self._imagej_mpp)):
             value = read()
@@ -136,14 +132,16 @@ class Slide:
 
     def reader_mpp_xy(self) -> tuple[float | None, float | None]:
         """(x, y) µm/px as the reader reports them; None for an axis it does not state."""
-        values = []
-        for axis in ("x", "y"):
-            try:
-                v = float(self._prop(f"mpp-{axis}"))
-            except (TypeError, ValueError):
-                v = None
-            values.append(v if v is not None and math.isfinite(v) and v > 0 else None)
+        values = [_positive_number(self._prop(f"mpp-{axis}")) for axis in ("x", "y")]
         return values[0], values[1]
+
+    def _unusable_reader_mpp(self) -> str | None:
+        """The reader's stated mpp when it is there but no resolution (0, NaN, text), else None."""
+        stated = [self._prop(f"mpp-{axis}") for axis in ("x", "y")]
+        if stated == [None, None]:  # openslide drops an Aperio MPP it cannot parse
+            stated = [self._handle.properties.get("aperio.MPP")]
+        bad = [v for v in stated if v is not None and _positive_number(v) is None]
+        return str(bad[0]) if bad and all(_positive_number(v) is None for v in stated) else None
 
     def _ome_mpp(self) -> float | None:
         return ome_mpp(self._handle.properties.get("tiff.ImageDescription"))
@@ -786,6 +784,19 @@ def _looks_like_tiff(path: Path) -> bool:
         return False
 
 
+def _positive_number(value) -> float | None:
+    """A finite number > 0 from metadata text, a decimal comma accepted (``0,2527``: a scanner set to a
+    comma locale), else None."""
+    text = str(value).strip() if value is not None else ""
+    if text.count(",") == 1 and "." not in text:
+        text = text.replace(",", ".")
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
 def check_slide_mpp(value: float, where: str = "--slide-mpp") -> float:
     """A user-given slide resolution, checked: MPP_MIN..MPP_MAX µm/px, else InvalidOption."""
     try:
@@ -798,12 +809,13 @@ def check_slide_mpp(value: float, where: str = "--slide-mpp") -> float:
     return mpp
 
 
-def resolve_mpp(slide: Slide, override: float | None = None) -> MppInfo:
+def resolve_mpp(slide: Slide, override: float | None = None, *, warn: bool = True) -> MppInfo:
     """The user's ``--slide-mpp`` (or the list's ``mpp``) when given, else the file's metadata, else
     10 / objective power, else :class:`MissingMpp`.
 
     File resolutions above MPP_MAX (72/96 dpi defaults) count as none; below MPP_MIN they are
-    refused (:class:`SlideOutOfLimits`) unless overridden.
+    refused (:class:`SlideOutOfLimits`) unless overridden. ``warn``: log a stated resolution that was
+    passed over for the objective power (off where an earlier call for the same slide did).
     """
     if override is not None:
         return MppInfo(check_slide_mpp(override, f"{slide.path}: --slide-mpp (or the list's mpp)"), "override")
@@ -822,6 +834,9 @@ def resolve_mpp(slide: Slide, override: float | None = None) -> MppInfo:
         return MppInfo(mpp, "metadata")
     power = slide.objective_power
     if power is not None and MPP_MIN <= 10.0 / power <= MPP_MAX:
+        if ignored and warn:
+            log.warning("%s: %s; using 10 / its objective power (%gx) = %.4g µm/px (pass --slide-mpp if that is "
+                        "wrong)", slide.path, ignored, power, 10.0 / power)
         return MppInfo(10.0 / power, "objective-power")
     reason = (f"{ignored}, and it has no objective power" if ignored
               else "the slide has no resolution metadata (µm/px) and no objective power")
