@@ -40,6 +40,31 @@ def test_sample_svs_equals_openslide(sample_slide):
         assert diff.max() <= 2 and diff.mean() <= 0.5, ((x, y, pw, ph), diff.max(), diff.mean())
 
 
+def test_tiles_without_their_closing_marker_decode_and_cut_tiles_fail(tmp_path, sample_slide):
+    """Some writers leave out each tile's EOI marker (readers add it); a tile cut short elsewhere is damage."""
+    import shutil
+
+    from wsi_embed.errors import UnreadableSlide
+
+    def shorten(path, by):
+        with tifffile.TiffFile(path, mode="r+b") as tif:
+            page = tif.pages[0]
+            page.tags["TileByteCounts"].overwrite([n - by(i) for i, n in enumerate(page.databytecounts)])
+
+    ref = TileSource.open(sample_slide)
+    w, h = ref.levels[0].width, ref.levels[0].height
+    no_eoi = shutil.copy(sample_slide, tmp_path / "no-eoi.svs")
+    shorten(no_eoi, lambda i: 2)
+    src = TileSource.open(no_eoi)
+    assert src.raw_tile(0, 1, 1)[-2:] != b"\xff\xd9"
+    np.testing.assert_array_equal(src.read_region(0, 0, 0, w, h), ref.read_region(0, 0, 0, w, h))
+    assert src.jpeg_stream(0, 1, 1) == ref.jpeg_stream(0, 1, 1)  # what the device decoder is given
+    cut = shutil.copy(sample_slide, tmp_path / "cut.svs")
+    shorten(cut, lambda i: 200 if i == 0 else 0)
+    with pytest.raises(UnreadableSlide, match="cannot decode pixels at level 0, tile \\(0, 0\\)"):
+        TileSource.open(cut).read_region(0, 0, 0, 100, 100)
+
+
 @pytest.mark.parametrize("mpp", [0.5, 0.25])
 def test_ycbcr_jpeg_pyramid_matches_openslide(tmp_path, sample_slide, mpp):
     path = make_slide(tmp_path / "ycbcr.tif", width=3000, height=2600, mpp=mpp)

@@ -66,7 +66,7 @@ class TiledLevel:
         """A tile's bytes as a complete JPEG stream (JPEG levels only)."""
         if self.jpeg_prefix is None:
             raise ValueError(f"tiles compressed with {codec_name(self.compression)} are not JPEG")
-        return self.jpeg_prefix + (data[2:] if data.startswith(_SOI) else data)
+        return _jpeg_stream(self.jpeg_prefix, data)
 
 
 CPU_JPEG_DECODER = "libjpeg-turbo (simplejpeg, cpu)"
@@ -90,9 +90,16 @@ def _jpeg_prefix(tables: bytes | None, photometric: int) -> bytes:
     return prefix
 
 
+def _jpeg_stream(prefix: bytes, data: bytes) -> bytes:
+    """A tile's bytes after ``prefix``. Some writers leave out the tile's closing EOI marker (readers
+    add it); one is added, and a tile cut short anywhere else still fails to decode."""
+    body = data[2:] if data.startswith(_SOI) else data
+    return prefix + body + (b"" if body.endswith(_EOI) else _EOI)
+
+
 def _jpeg_decoder(prefix: bytes, tile_h: int, tile_w: int):
     def decode(data: bytes, index: int) -> np.ndarray:
-        return _fit(decode_jpeg_cpu(prefix + (data[2:] if data.startswith(_SOI) else data)), tile_h, tile_w)
+        return _fit(decode_jpeg_cpu(_jpeg_stream(prefix, data)), tile_h, tile_w)
 
     return decode
 
