@@ -74,6 +74,18 @@ def test_random_or_other_weights_are_redone(slide_copy, tmp_path, vit_weights):
     assert open_store(other.store).encoder_attrs()["weights_random"] is False
 
 
+def test_a_complete_store_kept_despite_another_dtype_says_so(slide_copy, tmp_path):
+    out = tmp_path / "out"
+    assert embed_slide(slide_copy, out, [MODEL], "random", FAST).status == "done"
+    again = embed_slide(slide_copy, out, [MODEL], "random", dataclasses.replace(FAST, dtype="float32",
+                                                                                 precision="fp32"))
+    assert again.status == "skipped", again
+    assert again.note == (f"complete (its {MODEL} embeddings are float16, asked --dtype float32; "
+                          "--overwrite redoes it)")
+    assert open_store(again.store).encoder_attrs()["dtype"] == "float16"
+    assert embed_slide(slide_copy, out, [MODEL], "random", FAST).note == "complete"
+
+
 def test_another_file_under_the_same_id_is_a_conflict(slide_copy, painted_slide, tmp_path):
     out = tmp_path / "out"
     assert embed_slide(slide_copy, out, [MODEL], "random", FAST).status == "done"

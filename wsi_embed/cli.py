@@ -286,7 +286,8 @@ def _result_lines(result) -> list[str]:
     if result.status == "failed":
         return [f"error: {result.error}"]
     if result.status == "skipped":
-        why = f"complete store at {result.store}" if result.note == "complete" else result.note
+        note = result.note or ""
+        why = f"complete store at {result.store}{note[len('complete'):]}" if note.startswith("complete") else note
         return [f"skipped {result.slide_id}: {why}"]
     lines = [f"done    {result.slide_id}: {result.cells} cells in {result.seconds:.1f} s",
              f"        store {result.store}"]

@@ -269,7 +269,7 @@ def embed_slides(jobs: Iterable[SlideJob], out_dir: str | Path, models: Sequence
         if run is None and resume.error is not None:
             run = _failed_run(job, resume.error)
         elif run is None and resume.nothing_to_do:
-            run = _skipped(job, models_.names, out_dir, cells=resume.cells)
+            run = _skipped(job, models_.names, out_dir, resume.skip_note, cells=resume.cells)
             _tidy_complete(out_dir, job, opts, lock)
         elif run is None:
             try:
@@ -468,7 +468,7 @@ def _failed_run(job: SlideJob, error: str) -> SlideRun:
 
 
 def _skipped(job: SlideJob, names: Sequence[str], out_dir: Path, note: str = "complete", cells: int = 0) -> SlideRun:
-    store = str(store_path(out_dir, job.slide_id)) if note == "complete" else None
+    store = str(store_path(out_dir, job.slide_id)) if note.startswith("complete") else None
     return SlideRun(job, time.perf_counter(), SlideResult(
         str(job.path), job.slide_id, "skipped", encoders=list(names), store=store, note=note, cells=cells))
 

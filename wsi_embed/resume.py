@@ -33,10 +33,30 @@ class Resume:
     error: str | None = None  # the slide cannot be embedded into this store: fail it with this line
     rebuild: bool = False  # the whole store must be rebuilt (geometry damaged)
     cells: int = 0  # cells the existing store holds (from its root attrs)
+    kept: str | None = None  # how complete groups left as they are differ from this run's asking
 
     @property
     def nothing_to_do(self) -> bool:
         return not self.todo and self.error is None
+
+    @property
+    def skip_note(self) -> str:
+        """A skipped slide's note: ``complete``, and what of this run's asking its store does not follow."""
+        return "complete" if self.kept is None else f"complete ({self.kept}; --overwrite redoes it)"
+
+
+def _kept_differences(store: Path, names: Sequence[str], opts) -> str | None:
+    """Output options a complete group is kept despite (they change no cell, so they never force a
+    redo): the embedding dtype, and a precision asked for by name."""
+    said = []
+    for name in names:
+        attrs = _group_encoder_attrs(store, name)
+        if attrs.get("dtype") and attrs["dtype"] != opts.dtype:
+            said.append(f"its {name} embeddings are {attrs['dtype']}, asked --dtype {opts.dtype}")
+        if opts.precision != "auto" and attrs.get("precision") and attrs["precision"] != opts.precision:
+            said.append(f"its {name} embeddings were computed in {attrs['precision']}, asked --precision "
+                        f"{opts.precision}")
+    return "; ".join(said) or None
 
 
 @dataclass(frozen=True)
@@ -204,4 +224,5 @@ def plan_resume(out_dir: Path, job: SlideJob, names: Sequence[str], weights: str
             rebuild = report.geometry_damaged
     todo = [n for n in names if n in todo]  # keep the run's order
     cells = int(root_attrs.get("tissue", {}).get("cells_embedded") or 0)
-    return Resume(todo, "; ".join(notes) or None, rebuild=rebuild, cells=cells)
+    kept = _kept_differences(store, names, options) if not todo and options is not None else None
+    return Resume(todo, "; ".join(notes) or None, rebuild=rebuild, cells=cells, kept=kept)

@@ -161,5 +161,5 @@ def settled(job: SlideJob, out_dir: Path, names: Sequence[str], weights: str,
         return failed_result(job, resume.error)
     if resume.nothing_to_do:
         return SlideResult(str(job.path), job.slide_id, "skipped", encoders=list(names),
-                           store=str(store_path(out_dir, job.slide_id)), note="complete", cells=resume.cells)
+                           store=str(store_path(out_dir, job.slide_id)), note=resume.skip_note, cells=resume.cells)
     return None
