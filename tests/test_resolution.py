@@ -106,6 +106,20 @@ def test_slide_mpp_overrides_the_file(tmp_path, backend):
             assert "--slide-mpp" in str(err.value) and "0.05-100" in str(err.value)
 
 
+def _ome_tiff(path, meta):
+    image = np.random.default_rng(1).integers(120, 230, (1024, 1024, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(image, tile=(256, 256), photometric="rgb", compression="zlib", subifds=1, metadata=meta)
+        tw.write(image[::4, ::4], tile=(256, 256), photometric="rgb", compression="zlib", subfiletype=1)
+    return path
+
+
+def test_ome_xml_pixels_that_are_not_square_are_refused(tmp_path):
+    path = _ome_tiff(tmp_path / "oblong.ome.tif", {"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.6})
+    with open_slide(path) as s, pytest.raises(SlideOutOfLimits, match="not square .*0.5 µm/px across, 0.6 down"):
+        resolve_mpp(s)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("size, unit, expect", [(250, "nm", 0.25), (0.0005, "mm", 0.5), (0.5, None, 0.5)])
 def test_ome_xml_physical_size(tmp_path, backend, size, unit, expect):
@@ -114,11 +128,7 @@ def test_ome_xml_physical_size(tmp_path, backend, size, unit, expect):
     meta = {"PhysicalSizeX": size, "PhysicalSizeY": size}
     if unit:
         meta.update(PhysicalSizeXUnit=unit, PhysicalSizeYUnit=unit)
-    image = np.random.default_rng(1).integers(120, 230, (1024, 1024, 3), dtype=np.uint8)
-    path = tmp_path / "plain.ome.tif"
-    with tifffile.TiffWriter(path, ome=True) as tw:
-        tw.write(image, tile=(256, 256), photometric="rgb", compression="zlib", subifds=1, metadata=meta)
-        tw.write(image[::4, ::4], tile=(256, 256), photometric="rgb", compression="zlib", subfiletype=1)
+    path = _ome_tiff(tmp_path / "plain.ome.tif", meta)
     with open_slide(path, backend=backend) as s:
         assert not s.properties.get(f"{backend}.mpp-x")  # the reader itself does not see it
         mpp = resolve_mpp(s)

@@ -146,6 +146,9 @@ class Slide:
     def _ome_mpp(self) -> float | None:
         return ome_mpp(self._handle.properties.get("tiff.ImageDescription"))
 
+    def _ome_mpp_xy(self) -> tuple[float | None, float | None]:
+        return ome_mpp_xy(self._handle.properties.get("tiff.ImageDescription"))
+
     def _imagej_tags(self) -> tuple:
         props = self._handle.properties
         return props.get("tiff.ImageDescription"), props.get("tiff.XResolution"), props.get("tiff.YResolution")
@@ -157,9 +160,12 @@ class Slide:
         return imagej_mpp_xy(*self._imagej_tags())
 
     def stated_mpp_xy(self) -> tuple[float | None, float | None]:
-        """(x, y) µm/px as the file states them: the reader's, else an ImageJ calibration's."""
-        x, y = self.reader_mpp_xy()
-        return (x, y) if x is not None or y is not None else self._imagej_mpp_xy()
+        """(x, y) µm/px as the file states them: the reader's, else OME-XML's, else an ImageJ calibration's."""
+        for read in (self.reader_mpp_xy, self._ome_mpp_xy, self._imagej_mpp_xy):
+            x, y = read()
+            if x is not None or y is not None:
+                return x, y
+        return None, None
 
     @property
     def bounds(self) -> tuple[int, int, int, int]:
@@ -880,8 +886,36 @@ def imagej_mpp_xy(description: str | bytes | None, x_resolution,
 
 
 def ome_mpp(description: str | bytes | None) -> float | None:
-    """µm/px from an OME-XML ImageDescription: the first image's PhysicalSizeX/Y (units µm, nm, mm,
-    ...; µm when not given). None when absent, unparsable or in units that are not lengths."""
+    """µm/px from an OME-XML ImageDescription: the mean of :func:`ome_mpp_xy`'s axes, or None."""
+    values = [v for v in ome_mpp_xy(description) if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def ome_mpp_xy(description: str | bytes | None) -> tuple[float | None, float | None]:
+    """(x, y) µm/px from an OME-XML ImageDescription: the first image's PhysicalSizeX/Y (units µm, nm,
+    mm, ...; µm when not given). None for an axis absent, unparsable or in units that are not lengths."""
+    pixels = _ome_pixels(description)
+    if pixels is None:
+        return None, None
+    values = []
+    for axis in ("X", "Y"):
+        size, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "µm")
+        factor = _OME_UNITS_UM.get(unit.strip())
+        try:
+            v = float(size) * factor if size is not None and factor is not None else None
+        except ValueError:
+            v = None
+        if v is not None and math.isfinite(v) and v > 0:
+            values.append(v)
+        else:
+            values.append(None)
+            if size is not None:
+                log.debug("OME-XML PhysicalSize%s=%r %r is not a usable length", axis, size, unit)
+    return values[0], values[1]
+
+
+def _ome_pixels(description: str | bytes | None):
+    """The first OME-XML ``Pixels`` element of an ImageDescription, or None."""
     if not description:
         return None
     if isinstance(description, bytes):
@@ -898,22 +932,7 @@ def ome_mpp(description: str | bytes | None) -> float | None:
     except ET.ParseError as exc:
         log.debug("unparsable OME-XML: %s", exc)
         return None
-    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-    if pixels is None:
-        return None
-    values = []
-    for axis in ("X", "Y"):
-        size, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "µm")
-        factor = _OME_UNITS_UM.get(unit.strip())
-        try:
-            v = float(size) * factor if size is not None and factor is not None else None
-        except ValueError:
-            v = None
-        if v is not None and math.isfinite(v) and v > 0:
-            values.append(v)
-        elif size is not None:
-            log.debug("OME-XML PhysicalSize%s=%r %r is not a usable length", axis, size, unit)
-    return sum(values) / len(values) if values else None
+    return next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
 
 
 def fingerprint(path: Path) -> str:
