@@ -16,6 +16,7 @@ import tifffile
 from sample_data.synthetic import area_downsample, sample_rgb, write_pyramid
 from tests.conftest import run_cli
 from wsi_embed.errors import UnreadableSlide, UnsupportedSlide
+from wsi_embed.tiles import TileSource
 from wsi_embed.slide import describe, open_slide
 from wsi_embed.tissue import TissueParams, read_thumbnail
 
@@ -142,6 +143,14 @@ FORMATS = {
     "palette-8bit-entries": (lambda c: _grey(c), dict(photometric="palette", colormap=_colormap() >> 8),
                              lambda d: (_colormap() >> 8).T.astype(np.uint8)[d], True, ["palette", "8-bit entries"]),
     "miniswhite": (lambda c: _grey(c), dict(photometric="miniswhite"), lambda d: _rep(255 - d), True, ["MinIsWhite"]),
+    # 8-bit containers that are not 8-bit full scale: never read as they are stored (the tile reader too)
+    "rgb8-max200": (lambda c: np.rint(c * (200 / 255)).astype(np.uint8),
+                    dict(photometric="rgb", extratags=[(281, "H", 1, 200, True)]),
+                    lambda d: np.rint(np.minimum(d, 200) / 200 * 255).astype(np.uint8), False, ["200", "MaxSampleValue"]),
+    "rgb4": (lambda c: c >> 4, dict(photometric="rgb", bitspersample=4, compression=None),
+             lambda d: np.rint(d / 15 * 255).astype(np.uint8), False, ["4-bit"]),
+    "rgbx": (lambda c: np.dstack([c, _alpha(c)]), dict(photometric="rgb", extrasamples=["unspecified"]),
+             lambda d: d[..., :3], False, ["unspecified extra sample ignored"]),
 }
 
 
@@ -151,7 +160,7 @@ def format_slides(rgb, tmp_path_factory) -> dict:
     out = {}
     for kind, (make, options, expect, _, _) in FORMATS.items():
         data = [make(rgb), make(area_downsample(rgb, 2))]
-        path = write_pyramid(folder / f"{kind}.tif", data, tile=128, compression="zlib", **options)
+        path = write_pyramid(folder / f"{kind}.tif", data, tile=128, **{"compression": "zlib", **options})
         with tifffile.TiffFile(path) as tf:  # what the file holds, decoded by tifffile
             decoded = [tf.series[0].levels[k].asarray() for k in range(2)]
         out[kind] = path, [expect(d) for d in decoded]
@@ -185,6 +194,11 @@ def test_pixel_format_becomes_rgb8(kind, backend, format_slides):
                 assert diff <= tolerance, (kind, backend, level, (lx, ly, w, h), diff)
         rule = describe(slide, None).pixel_conversion
         assert rule and all(word in rule for word in words), rule
+        tiles = TileSource.open(path, slide.level_dimensions)  # what the loader reads where it can
+        for level, truth in enumerate(truths):
+            if tiles is not None and tiles.supports(level):
+                h, w = truth.shape[:2]
+                np.testing.assert_array_equal(tiles.read_region(level, 0, 0, w, h), truth, err_msg=f"{kind} {level}")
 
 
 REFUSED = {

@@ -194,6 +194,8 @@ def openslide_gap(f: LevelFormat) -> str | None:
         return f"MaxSampleValue {f.max_value:g} (openslide scales by the full {f.bits}-bit range)"
     if f.colour_samples == 1 and f.alpha is not None:
         return "grey with alpha"
+    if f.samples > f.colour_samples and f.alpha is None:
+        return "an extra sample that is not alpha (libtiff takes it for alpha)"
     if f.colour_samples == 1 and f.photometric != PALETTE and f.bits == 16:
         return "16-bit grey samples exactly (libtiff maps some to wrong 8-bit values, 65535 to 0)"
     return None  # compressions openslide lacks are reported from its own error at open

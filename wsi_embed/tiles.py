@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import UnreadableSlide
+from .pixels import level_format
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,8 @@ def _fit(tile: np.ndarray, tile_h: int, tile_w: int) -> np.ndarray:
 
 def _level_of(page) -> TiledLevel | None:
     """The tile index of one pyramid level, or None when it does not qualify for native reads."""
-    if not page.is_tiled or page.tiledepth > 1 or page.dtype != np.uint8 or page.samplesperpixel != 3:
-        return None
+    if not page.is_tiled or page.tiledepth > 1 or not level_format(page).plain:
+        return None  # anything but 8-bit RGB at full scale goes through the slide reader's conversion
     if page.planarconfig != 1 or page.photometric not in (PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR):
         return None
     th, tw = int(page.tilelength), int(page.tilewidth)
