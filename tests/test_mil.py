@@ -252,6 +252,9 @@ def test_errors_are_one_line_in_the_workflow(cohort, tmp_path):
     (("--epochs", "0"), "--epochs must be at least 1"),
     (("--max-instances", "0"), "--max-instances must be at least 1"),
     (("--folds", "1"), "--folds 1"),
+    (("--lr", "-1"), "--lr must be a number above 0"),
+    (("--lr", "nan"), "--lr must be a number above 0"),
+    (("--weight-decay", "-1"), "--weight-decay must be at least 0"),
 ])
 def test_bad_workflow_options_are_one_line(cohort, tmp_path, args, needle):
     out = tmp_path / "run"
@@ -334,6 +337,41 @@ def test_fold_and_split_columns_are_honoured(cohort, tmp_path):
     test_only = BagDataset(cohort["out"], split_csv, cohort["encoder"], split="test")
     assert test_only.slide_ids == fold.test
     assert read_labels(split_csv).splits == tuple(r[3] for r in split_rows)
+
+
+def test_workflow_out_inside_a_store_and_a_worker_error_are_one_line(cohort, tmp_path):
+    base = [sys.executable, "workflows/train_abmil.py", "--labels", str(cohort["labels"]), "--encoder",
+            cohort["encoder"], "--epochs", "1", "--folds", "2"]
+    store = cohort["out"] / f"{cohort['slides'][0]['slide_id']}.zarr"
+    inside = subprocess.run([*base, "--stores", str(cohort["out"]), "--out", str(store / "run")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert inside.returncode == 1 and f"inside the store {store}" in inside.stderr, inside.stderr
+    assert not (store / "run").exists()
+    copy = tmp_path / "stores"
+    shutil.copytree(cohort["out"], copy)
+    chunk = next(p for p in sorted((copy / store.name).rglob("*")) if p.is_file() and "embeddings/c/" in p.as_posix())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    damaged = subprocess.run([*base, "--stores", str(copy), "--out", str(tmp_path / "run"), "--workers", "1"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert damaged.returncode == 1 and damaged.stderr.startswith(f"error: {copy / store.name}"), damaged.stderr
+    assert "--repair" in damaged.stderr and len(damaged.stderr.strip().splitlines()) == 1, damaged.stderr
+
+
+def test_a_fold_trained_without_a_class_is_flagged_and_left_out_of_the_mean(cohort, tmp_path):
+    rows = [[r["slide_id"], r["label"], "train" if r["label"] == 1 else "test"] for r in cohort["slides"]]
+    rows[1][2] = "test"  # both classes held out, one trained
+    labels = write_csv(tmp_path / "split.csv", ["slide_id", "label", "split"], rows)
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "workflows/train_abmil.py", "--stores", str(cohort["out"]), "--labels",
+                           str(labels), "--encoder", cohort["encoder"], "--epochs", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "training slides have no '0'; its score is left out of the mean" in done.stderr, done.stderr
+    assert "trained without 0: not in the mean" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["folds"][0]["classes_not_trained"] == ["0"] and results["auc_mean"] is None
 
 
 # -- the ABMIL recipe ------------------------------------------------------------------------

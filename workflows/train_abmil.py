@@ -37,10 +37,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from wsi_embed import WsiEmbedError
+from wsi_embed.errors import InvalidOption
 from wsi_embed.atomic import write_atomic
 from wsi_embed.infer import select_device
 from wsi_embed.mil import BagDataset, attention_heatmap, collate_bags, patient_splits
 from wsi_embed.qc import write_png_atomic
+from wsi_embed.store import enclosing_store
 
 log = logging.getLogger("train_abmil")
 
@@ -195,6 +197,9 @@ def clear_earlier_outputs(out: Path) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
+    store = enclosing_store(out)
+    if store is not None:  # the store would then hold a group that is not one and look damaged
+        raise InvalidOption(f"--out {out}: inside the store {store}; choose a folder outside the stores")
     device = select_device(args.device)
     ds = BagDataset(args.stores, args.labels, args.encoder, label_column=args.label_column)
     folds = patient_splits(ds, args.folds, seed=args.seed)
@@ -214,6 +219,10 @@ def run(args: argparse.Namespace) -> dict:
         model, loss = train_fold(train, n_classes, ds.dim, args, device, seed=args.seed * 1000 + fold.fold)
         preds = evaluate(model, test, args, device)
         metric_name, value = fold_metric(preds, n_classes)
+        unseen = [ds.classes[c] for c in range(n_classes) if c not in set(train.ds.labels)]
+        if unseen:  # its model never saw these: its score says nothing of the encoder
+            log.warning("fold %d: its %d training slides have no %s; its score is left out of the mean",
+                        fold.fold, len(fold.train), " or ".join(repr(c) for c in unseen))
         ckpt = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "config": model.config,
                 "classes": list(ds.classes), "encoder": args.encoder, "label_column": args.label_column,
                 "fold": fold.fold, "fold_name": fold.name, "train": list(fold.train), "test": list(fold.test)}
@@ -227,8 +236,10 @@ def run(args: argparse.Namespace) -> dict:
         seconds = time.perf_counter() - t0
         results.append({"fold": fold.fold, "fold_name": fold.name, metric_name: value, "n_train": len(fold.train),
                         "n_test": len(fold.test), "train_loss": round(loss, 6), "seconds": round(seconds, 2),
-                        "test_slides": list(fold.test)})
+                        "test_slides": list(fold.test), "classes_not_trained": unseen})
         shown = "undefined (one class held out)" if value is None else f"{value:.3f}"
+        if unseen:
+            shown += f" (trained without {', '.join(unseen)}: not in the mean)"
         named = f" (the labels' fold {fold.name})" if fold.name else ""
         print(f"fold {fold.fold}{named}: {metric_name} {shown} on {len(fold.test)} held-out slides "
               f"({len(fold.train)} trained, {args.epochs} epochs, loss {loss:.3f}, {seconds:.1f} s)", flush=True)
@@ -237,7 +248,7 @@ def run(args: argparse.Namespace) -> dict:
     writer.writerow(["slide_id", "fold", "label", "predicted", *(f"prob_{c}" for c in ds.classes)])
     writer.writerows(rows)
     replace_atomic(out / "predictions.csv", text.getvalue().encode())
-    values = [r[metric_name] for r in results if r[metric_name] is not None]
+    values = [r[metric_name] for r in results if r[metric_name] is not None and not r["classes_not_trained"]]
     summary = {
         f"{metric_name}_mean": float(np.mean(values)) if values else None,
         f"{metric_name}_std": float(np.std(values)) if values else None,
@@ -248,6 +259,17 @@ def run(args: argparse.Namespace) -> dict:
     }
     replace_atomic(out / "results.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+def worker_error_line(exc: Exception) -> str:
+    """The error's own line: a DataLoader worker's error comes back with the worker's traceback in its
+    message, whose last line is ``module.Class: the line``."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name = f"{type(exc).__module__}.{type(exc).__name__}: "
+    return last[len(name):] if last.startswith(name) else last
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,14 +293,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name, value, least in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                                ("--max-instances", args.max_instances, 1), ("--workers", args.workers, 0),
-                               ("--cache-mb", args.cache_mb, 0)):
-        if value is not None and value < least:
+                               ("--cache-mb", args.cache_mb, 0), ("--weight-decay", args.weight_decay, 0)):
+        if value is not None and not value >= least:  # NaN too
             print(f"error: {name} must be at least {least}, not {value}", file=sys.stderr)
             return 1
+    if not 0 < args.lr < float("inf"):
+        print(f"error: --lr must be a number above 0, not {args.lr}", file=sys.stderr)
+        return 1
     try:
         summary = run(args)
     except WsiEmbedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {worker_error_line(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:  # --out not writable, a full disk
         print(f"error: {exc.filename or args.out}: cannot write ({exc.strerror or exc}); "
