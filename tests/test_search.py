@@ -384,3 +384,34 @@ def test_a_query_image_far_larger_than_a_patch_is_refused_and_a_large_one_warned
     with caplog.at_level("WARNING"):
         assert len(search(indexed["index"], image=large, top_k=1)["hits"]) == 1
     assert any("over twice a" in r.getMessage() for r in caplog.records)
+
+
+def test_search_warns_of_stores_changed_after_the_index(planted_cohort, tmp_path, caplog):
+    out = _copy_out(planted_cohort, tmp_path / "out")
+    index = build_index(out, planted_cohort["encoder"])
+    with caplog.at_level("WARNING"):
+        search(index, slide="planted_001", top_k=1)
+    assert not [r for r in caplog.records if "changed after it was built" in r.getMessage()]
+    meta = out / "planted_002.zarr" / ENCODER_GROUP / "zarr.json"  # as a re-embed rewrites it
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["encoder"]["weights_spec"] = "other.pth"
+    meta.write_text(json.dumps(doc))
+    with caplog.at_level("WARNING"):
+        assert search(index, slide="planted_001", top_k=1)["hits"]
+    said = [r.getMessage() for r in caplog.records if "changed after it was built" in r.getMessage()]
+    assert len(said) == 1 and "1 of its" in said[0] and "(planted_002)" in said[0], said
+    assert f"wsi-embed index {out}" in said[0]
+
+
+def test_a_full_resolution_cut_of_a_40x_cell_is_not_warned_about(indexed, tmp_path, caplog):
+    copy = tmp_path / "index"
+    shutil.copytree(indexed["index"], copy)
+    manifest = json.loads((copy / "index.json").read_text())
+    patch_px = manifest["grid"]["patch_px"]
+    manifest["slides"][0]["read_px"] = 454  # a 0.2465 µm/px slide read at level 0
+    (copy / "index.json").write_text(json.dumps(manifest))
+    cut = tmp_path / "cut.png"
+    Image.new("RGB", (454, 454), (200, 120, 160)).save(cut)
+    with caplog.at_level("WARNING"):
+        search(copy, image=cut, top_k=1)
+    assert not [r for r in caplog.records if "over twice" in r.getMessage()] and 454 > 2 * patch_px

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IndexNotFound, InvalidQuery, WsiEmbedError
-from .build import FORMAT, MANIFEST, PATCH_TABLE, PATCH_USEARCH, PATCH_VECTORS, SLIDE_VECTORS
+from .build import FORMAT, MANIFEST, PATCH_TABLE, PATCH_USEARCH, PATCH_VECTORS, SLIDE_VECTORS, store_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,22 @@ class SearchIndex:
                                 "rebuild it with wsi-embed index OUT --encoder NAME") from None
         self.slides: list[dict] = self.manifest["slides"]
         self._number = {s["slide_id"]: i for i, s in enumerate(self.slides)}
+
+    def changed_slides(self) -> list[str]:
+        """Slides whose store beside the index was rebuilt or re-embedded since the index was built
+        (stores that are not there, as for an index copied elsewhere, are not counted)."""
+        changed = []
+        for s in self.slides:
+            store = self.path.parent / s["store"]
+            if not s.get("store_fingerprint") or not store.is_dir():
+                continue
+            try:
+                now = store_fingerprint(store, self.manifest["group"])
+            except OSError:
+                now = None  # its group is gone or unreadable: changed as well
+            if now != s["store_fingerprint"]:
+                changed.append(s["slide_id"])
+        return changed
 
     # -- what it holds ---------------------------------------------------------------------------
     @property

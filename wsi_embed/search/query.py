@@ -53,6 +53,12 @@ def search(index_dir: str | os.PathLike | SearchIndex, *, slide: str | None = No
     if montage is not None:
         check_montage_path(montage)
     index = index_dir if isinstance(index_dir, SearchIndex) else open_index(index_dir)
+    changed = index.changed_slides()
+    if changed:
+        log.warning("%s: %d of its %d stores changed after it was built (%s%s); its hits are from the stores as "
+                    "they were: rebuild it with wsi-embed index %s --encoder %s", index.path, len(changed),
+                    len(index.slides), ", ".join(changed[:3]), ", ..." if len(changed) > 3 else "",
+                    index.path.parent, index.encoder)
     picture = None
     if slide is not None:
         number = index.slide_number(str(slide))
@@ -215,7 +221,8 @@ def embed_image(index: SearchIndex, pixels: np.ndarray, *, weights: str | None =
         raise WeightsMismatch(f"{index.path}: {index.encoder} now normalises with mean/std {encoder.config.mean}/"
                               f"{encoder.config.std}, the stores used {enc.get('mean')}/{enc.get('std')}; "
                               "rebuild the stores with this version, or search with the version that made them")
-    if min(h, w) > 2 * patch_px:
+    read_px = max([patch_px] + [int(s.get("read_px") or 0) for s in index.slides])  # a cut at grid.read_px is exact
+    if min(h, w) > 2 * read_px:
         log.warning("%s: the image is %d x %d px, over twice a %d px patch%s; it is shrunk to one patch, so its "
                     "hits follow the whole picture, not its detail", index.path, w, h, patch_px, at)
     if max(h, w) > 1.15 * min(h, w):
