@@ -100,3 +100,13 @@ def test_stride_overlap():
     g = plan_grid(GridSpec(0.5, 224, 112), slide_mpp=0.5, level_dimensions=((1000, 1000),), level_downsamples=(1.0,))
     assert g.cols == (1000 - 224) // 112 + 1
     assert g.coords()[0, 1, 0] == 112
+
+
+def test_pictures_paint_each_point_with_the_cell_whose_centre_is_nearest():
+    from wsi_embed.grid import cells_under
+
+    # 224 px cells every 112 px (centres 112, 224, 336): the overlaps split at their middle
+    index, inside = cells_under(np.array([-1, 0, 50, 167, 169, 281, 447, 448]), np.array([0, 112, 224]), 112, 224)
+    assert index.tolist() == [0, 0, 0, 0, 1, 2, 2, 2] and inside.tolist() == [False] + [True] * 6 + [False]
+    index, inside = cells_under(np.array([0, 223, 224, 447, 448]), np.array([0, 224]), 224, 224)  # no overlap
+    assert index.tolist() == [0, 0, 1, 1, 1] and inside.tolist() == [True] * 4 + [False]

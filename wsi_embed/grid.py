@@ -112,6 +112,17 @@ class Grid:
         return d
 
 
+def cells_under(points0: np.ndarray, starts0: np.ndarray, stride0: float, cell0: float) -> tuple[np.ndarray, np.ndarray]:
+    """Along one axis, for level-0 positions: the cell whose centre is nearest (cells start at
+    ``starts0``, ``cell0`` wide, ``stride0`` apart, so overlapping cells share their overlap at its
+    middle), and whether the position lies on the grid. What pictures of a grid paint where."""
+    points0 = np.asarray(points0, dtype=np.float64)
+    starts0 = np.asarray(starts0, dtype=np.float64)
+    index = np.searchsorted(starts0, points0 - (cell0 - stride0) / 2, side="right") - 1
+    inside = (points0 >= starts0[0]) & (points0 < starts0[-1] + max(cell0, stride0))
+    return np.clip(index, 0, len(starts0) - 1), inside
+
+
 def choose_level(slide_mpp: float, downsamples: tuple[float, ...], target_mpp: float) -> int:
     """The coarsest level whose resolution is not coarser than the target."""
     best = 0

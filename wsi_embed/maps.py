@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import WsiEmbedError
-from .grid import Grid
+from .grid import Grid, cells_under
 from .qc import _FONT, _MAX_SIDE, _MIN_SIDE, _with_caption, write_png_atomic
 from .store import EmbeddingStore, group_name, open_store, store_slide_id
 
@@ -202,7 +202,7 @@ def cell_values(store: EmbeddingStore, projection: Projection) -> tuple[np.ndarr
 
 def paint(thumbnail: np.ndarray, grid: Grid, coords: np.ndarray, mask: np.ndarray, rgb: np.ndarray, *,
           scale_x: float, scale_y: float) -> tuple[Image.Image, float]:
-    """The thumbnail, greyed, with each embedded cell's stride square filled with its colour.
+    """The thumbnail, greyed, with each embedded cell's stride square (centred on the cell) filled with its colour.
     Returns the picture and its zoom (picture px per thumbnail px)."""
     h, w = thumbnail.shape[:2]
     zoom = min(_MAX_SIDE / max(h, w, 1), max(1.0, _MIN_SIDE / max(h, w, 1)))
@@ -212,15 +212,8 @@ def paint(thumbnail: np.ndarray, grid: Grid, coords: np.ndarray, mask: np.ndarra
     sx, sy = scale_x * zoom, scale_y * zoom
     out = np.repeat(base[:, :, None], 3, axis=2)
     if mask.any():
-        # the cell under each picture pixel: the last grid line at or before it, within the cell
-        xs, ys = coords[0, :, 0].astype(np.float64), coords[:, 0, 1].astype(np.float64)
-        px = (np.arange(W) + 0.5) / sx
-        py = (np.arange(H) + 0.5) / sy
-        col = np.searchsorted(xs, px, side="right") - 1
-        row = np.searchsorted(ys, py, side="right") - 1
-        okx = (col >= 0) & (px < xs[np.clip(col, 0, None)] + grid.cell_size0)
-        oky = (row >= 0) & (py < ys[np.clip(row, 0, None)] + grid.cell_size0)
-        col, row = np.clip(col, 0, mask.shape[1] - 1), np.clip(row, 0, mask.shape[0] - 1)
+        col, okx = cells_under((np.arange(W) + 0.5) / sx, coords[0, :, 0], grid.stride0, grid.cell_size0)
+        row, oky = cells_under((np.arange(H) + 0.5) / sy, coords[:, 0, 1], grid.stride0, grid.cell_size0)
         inside = oky[:, None] & okx[None, :] & mask[row[:, None], col[None, :]]
         colour = rgb[row[:, None], col[None, :]].astype(np.float32)
         out[inside] = (1 - _ALPHA) * out[inside] + _ALPHA * colour[inside]

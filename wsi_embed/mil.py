@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from .errors import CorruptStore, EncoderMismatch, IncompleteStore, InvalidOption, LabelsError
+from .grid import cells_under
 from .store import completed_encoders, existing_output_folder, group_name, open_store, store_slide_id
 
 log = logging.getLogger(__name__)
@@ -523,13 +524,13 @@ def attention_heatmap(store_path: str | os.PathLike, scores: np.ndarray, *, titl
         thumb = np.asarray(Image.fromarray(thumb).resize((thumb.shape[1] * f, thumb.shape[0] * f),
                                                          Image.Resampling.LANCZOS))
         sx, sy = sx * f, sy * f
-    # each thumbnail pixel -> the cell its level-0 point falls in
+    # each thumbnail pixel -> the cell whose centre is nearest its level-0 point
     (ox, oy), stride = grid["origin0"], float(grid["stride0"])
+    cell = float(grid.get("cell_size0", stride))
     h, w = thumb.shape[:2]
-    cols = np.floor(((np.arange(w) + 0.5) / sx - ox) / stride).astype(int)
-    rows = np.floor(((np.arange(h) + 0.5) / sy - oy) / stride).astype(int)
-    inside = ((rows >= 0) & (rows < mask.shape[0]))[:, None] & ((cols >= 0) & (cols < mask.shape[1]))[None, :]
-    r, c = rows.clip(0, mask.shape[0] - 1), cols.clip(0, mask.shape[1] - 1)
+    c, okx = cells_under((np.arange(w) + 0.5) / sx, ox + np.arange(mask.shape[1]) * stride, stride, cell)
+    r, oky = cells_under((np.arange(h) + 0.5) / sy, oy + np.arange(mask.shape[0]) * stride, stride, cell)
+    inside = oky[:, None] & okx[None, :]
     cell_vals = norm[np.ix_(r, c)]
     tint = inside & np.isfinite(cell_vals)
     out = thumb.astype(np.float32)
