@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 from tests.conftest import run_cli
@@ -32,6 +33,19 @@ def test_inspect_text(planted_cohort):
     assert done.returncode == 0, done.stderr
     for text in ("µm/px (metadata)", "cells embedded", "dim 64", "weights RANDOM", "consistency  ok"):
         assert text in done.stdout, text
+    from wsi_embed import open_store
+
+    rows, cols = open_store(planted_cohort["out"] / "planted_000.zarr").mask.shape
+    assert f"grid         {cols} x {rows} cells (across x down)" in done.stdout  # as the slide's width x height
+    assert re.search(r"^mpp +\d+\.\d{1,4} µm/px", done.stdout, re.M), done.stdout
+
+
+def test_a_path_inside_a_store_names_the_store_to_inspect(planted_cohort):
+    store = planted_cohort["out"] / "planted_000.zarr"
+    done = run_cli("inspect", str(store / "mask"))
+    assert done.returncode == 1 and done.stderr.strip() == (
+        f"error: {store / 'mask'}: inside the store {store}, not a store itself; give the store itself: "
+        f"wsi-embed inspect {store}")
 
 
 def test_deleted_chunk_is_inconsistent(planted_cohort, tmp_path):

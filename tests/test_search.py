@@ -415,3 +415,9 @@ def test_a_full_resolution_cut_of_a_40x_cell_is_not_warned_about(indexed, tmp_pa
     with caplog.at_level("WARNING"):
         search(copy, image=cut, top_k=1)
     assert not [r for r in caplog.records if "over twice" in r.getMessage()] and 454 > 2 * patch_px
+
+
+def test_an_all_zero_query_embedding_is_refused(indexed):
+    index = open_index(indexed["index"])
+    with pytest.raises(InvalidQuery, match="the query embedding is all zeros"):
+        search(index, embedding=np.zeros(index.dim, np.float32), encoder=index.encoder)

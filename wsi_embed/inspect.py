@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 from .errors import IncompleteStore
-from .store import _read_array, _read_group, group_dirs, is_temporary, refuse_inside_a_store, store_slide_id
+from .store import (_read_array, _read_group, enclosing_store, group_dirs, is_temporary, refuse_inside_a_store,
+                    store_slide_id)
 from .verify import GEOMETRY, verify_store
 
 _SLIDE_KEYS = ("slide_id", "path", "vendor", "backend", "dimensions", "mpp", "mpp_source", "objective_power",
@@ -51,7 +52,7 @@ def inspect_store(path: str | os.PathLike) -> dict:
     """Describe a store and check it (reads every chunk). Raises :class:`IncompleteStore` only for a
     path that is not a store at all."""
     path = Path(path)
-    refuse_inside_a_store(path)
+    refuse_inside_a_store(path, give=f"the store itself: wsi-embed inspect {enclosing_store(path)}")
     if not path.exists():
         raise IncompleteStore(f"{path}: no such file or directory; give a <slide_id>.zarr folder")
     if not path.is_dir() or (not (path / "zarr.json").exists() and not (path / "mask").is_dir()):
@@ -97,13 +98,14 @@ def inspect_lines(info: dict) -> list[str]:
     lines = [f"store        {c['store']}"]
     if s:
         w, h = s["dimensions"] or ("?", "?")
+        mpp = f"{s['mpp']:.4g}" if isinstance(s["mpp"], (int, float)) else s["mpp"]  # not 0.24649999999999997
         lines += [f"slide        {s['slide_id']}  {s['path']}",
                   f"             {w} x {h} px, vendor {s['vendor'] or '-'}",
-                  f"mpp          {s['mpp']} µm/px ({s['mpp_source']})"]
+                  f"mpp          {mpp} µm/px ({s['mpp_source']})"]
     else:
         lines.append("slide        unreadable (root metadata damaged)")
     if g:
-        lines.append(f"grid         {g['rows']} x {g['cols']} cells of {g['patch_px']} px at {g['target_mpp']:g} µm/px, "
+        lines.append(f"grid         {g['cols']} x {g['rows']} cells (across x down) of {g['patch_px']} px at {g['target_mpp']:g} µm/px, "
                      f"stride {g['stride_px']} px, level {g['level']} ({g['level_mpp']:.4g} µm/px)")
     if t:
         lines.append(f"tissue       {t['area_mm2']:.3f} mm², {t['cells_embedded']} cells embedded "

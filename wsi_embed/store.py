@@ -101,13 +101,12 @@ def enclosing_store(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def refuse_inside_a_store(path: str | os.PathLike) -> None:
+def refuse_inside_a_store(path: str | os.PathLike, give: str = "the <slide_id>.zarr folder or its output folder") -> None:
     """A path inside a store (one of its arrays or groups) is not a store: say which store it is in
-    (judged as a store of its own, the store would look damaged)."""
+    (judged as a store of its own, the store would look damaged) and what to ``give`` instead."""
     store = enclosing_store(path)
     if store is not None and store != Path(path).absolute():
-        raise IncompleteStore(f"{path}: inside the store {store}, not a store itself; give the <slide_id>.zarr "
-                              "folder or its output folder")
+        raise IncompleteStore(f"{path}: inside the store {store}, not a store itself; give {give}")
 
 
 def folders_to_make(path: str | os.PathLike) -> list[Path]:

@@ -113,7 +113,10 @@ def check_embedding(index: SearchIndex, embedding, encoder: str | None) -> np.nd
                               f"{'' if np.isfinite(vector).all() else ' (not all finite)'}, "
                               f"{index.encoder} gives {index.dim}; embed it with {index.encoder}")
     norm = float(np.linalg.norm(vector))
-    return vector / norm if norm > 0 else vector
+    if norm == 0:
+        raise InvalidQuery(f"{index.path}: the query embedding is all zeros: it has no direction, so every cell "
+                           "is at distance 1 from it; check how it was made")
+    return vector / norm
 
 
 MAX_QUERY_PIXELS = 50_000_000  # a patch query is a few hundred px; a bigger picture is a slide region
@@ -240,7 +243,10 @@ def embed_image(index: SearchIndex, pixels: np.ndarray, *, weights: str | None =
     runner = EncoderRunner(encoder, torch.device("cpu"), "fp32")
     vector = runner(x)[0].numpy().astype(np.float32)
     norm = float(np.linalg.norm(vector))
-    return vector / norm if norm > 0 else vector
+    if norm == 0:
+        raise InvalidQuery(f"{index.path}: the query embedding is all zeros: it has no direction, so every cell "
+                           "is at distance 1 from it; check how it was made")
+    return vector / norm
 
 
 def format_table(result: dict) -> str:
