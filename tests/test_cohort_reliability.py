@@ -251,6 +251,34 @@ def test_full_disk_loses_rows_not_the_run(tmp_path, monkeypatch, caplog):
     assert [r["slide_id"] for r in read_manifest(path)] == ["a", "d"]
 
 
+def test_run_records_and_rows_after_a_cut_line_start_their_own(tmp_path, monkeypatch):
+    from wsi_embed.report import append_run, read_runs
+
+    out = tmp_path
+    append_run(out, {"run": 1})
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError):
+        append_run(out, {"run": 2, "cells": 5})
+    monkeypatch.setattr(os, "write", real_write)
+    assert (out / "runs.jsonl").read_text() == '{"run": 1}\n'  # the half record was taken back
+    with open(out / "runs.jsonl", "a") as f:
+        f.write('{"run": 3, "cel')  # cut by something else (a copy cut off, an older version)
+    append_run(out, {"run": 4})
+    assert read_runs(out) == [{"run": 1}, {"run": 4}]
+    manifest = tmp_path / "manifest.csv"
+    Manifest(manifest).append(SlideResult("/x/a.svs", "a", "done"))
+    manifest.write_bytes(manifest.read_bytes() + b"2026-12-07T23:52:12+0000,vm,1,/x/b.s")
+    Manifest(manifest).append(SlideResult("/x/c.svs", "c", "done"))
+    rows = read_manifest(manifest)  # the cut row stays what it was; the next is whole
+    assert [(r["slide_id"], r["status"]) for r in rows] == [("a", "done"), (None, None), ("c", "done")]
+
+
 def test_dev_full_raises_enospc():
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full here")

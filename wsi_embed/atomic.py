@@ -7,9 +7,11 @@ later run can tell a dead writer's leftovers (:func:`owner_gone`) from a live wr
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
+import stat
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -68,3 +70,37 @@ def swap_in_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, final)
+
+
+def append_whole(path: Path, encode: Callable[[int], bytes]) -> None:
+    """Append ``encode(size)`` (``size``: the file's length before, so a header can go first) as one
+    whole record, under an exclusive lock: concurrent writers never interleave; a record after a last
+    line cut short (a full disk, a copy cut off) starts on a line of its own; a failed write (full
+    disk, quota) is truncated back, so no half record glues itself to the next one."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            size = os.fstat(fd).st_size
+            data = encode(size)
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError:
+                _truncate(fd, size)
+                raise
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _truncate(fd: int, size: int) -> None:
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
+    except OSError:
+        pass

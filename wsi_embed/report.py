@@ -31,7 +31,7 @@ from typing import Sequence
 from urllib.parse import quote
 
 from . import __version__
-from .atomic import write_atomic
+from .atomic import append_whole, write_atomic
 from .machine import machine_info
 from .errors import WsiEmbedError
 from .locks import held_by_a_live_run
@@ -62,13 +62,9 @@ def run_record(summary) -> dict:
 
 
 def append_run(out_dir: Path, record: dict) -> Path:
-    """Append one line to ``runs.jsonl`` in a single ``O_APPEND`` write: concurrent shards never interleave."""
+    """Append one line to ``runs.jsonl``, whole or not at all (see :func:`~wsi_embed.atomic.append_whole`)."""
     path = Path(out_dir) / RUNS_NAME
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(record) + "\n").encode())
-    finally:
-        os.close(fd)
+    append_whole(path, lambda size: (json.dumps(record) + "\n").encode())
     return path
 
 

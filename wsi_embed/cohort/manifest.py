@@ -15,7 +15,6 @@ with nothing half-written left behind; the drivers record that and go on (the st
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
 import os
@@ -24,6 +23,7 @@ import stat
 import time
 from pathlib import Path
 
+from ..atomic import append_whole
 from ..errors import InvalidOption, OutputNotWritable
 from ..jobs import SlideResult
 from .discover import SLIDE_EXTENSIONS
@@ -113,21 +113,7 @@ class Manifest:
 
     def append_row(self, row: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                size = os.fstat(fd).st_size
-                header = not self.jsonl and size == 0
-                try:
-                    _write_all(fd, self._encode(row, header))
-                except OSError:
-                    _truncate(fd, size)  # a half row would glue itself to the next one
-                    raise
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        append_whole(self.path, lambda size: self._encode(row, header=not self.jsonl and size == 0))
 
     def _encode(self, row: dict, header: bool) -> bytes:
         if self.jsonl:
@@ -154,21 +140,6 @@ def _is_manifest_line(line: bytes, jsonl: bool) -> bool:
         return isinstance(row, dict) and _KEY_FIELDS <= row.keys()
     header = next(csv.reader([text]), [])
     return _KEY_FIELDS <= {h.strip() for h in header}
-
-
-def _truncate(fd: int, size: int) -> None:
-    try:
-        if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size > size:
-            os.ftruncate(fd, size)
-    except OSError:
-        pass
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict]:
