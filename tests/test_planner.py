@@ -74,6 +74,40 @@ def test_planning_processes_run_below_the_process_that_feeds_the_encoder():
     assert child == min(19, os.nice(0) + BACKGROUND_NICE)
 
 
+def test_ctrl_c_while_a_planning_process_starts_does_not_reach_it():
+    """A terminal's Ctrl-C goes to the whole process group; a planning process still importing
+    printed a traceback and broke the pool. Here it gets SIGINT every 2 ms from its first moment."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from wsi_embed.planner import Planner, _submit
+
+    planner = Planner(processes=1)
+    pool, done, sent = planner._executor(), threading.Event(), []
+
+    def interrupt():
+        while not done.is_set():
+            for pid in list(pool._processes or {}):
+                try:
+                    os.kill(pid, signal.SIGINT)
+                    sent.append(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=interrupt, daemon=True)
+    watcher.start()
+    try:
+        assert _submit(pool, os.getpid).result(timeout=60) > 0
+    finally:
+        done.set()
+        watcher.join()
+        planner.close()
+    assert len(sent) > 10  # it was interrupted all through its start
+
+
 def test_planning_processes_end_when_the_run_is_killed(tmp_path):
     """kill -9 never shuts the pool down; the planning process must not wait for work for ever."""
     import os

@@ -57,6 +57,7 @@ def _init_planning_process(parent: int) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked from its start: see _submit
     try:
         os.nice(BACKGROUND_NICE)
     except OSError:  # a priority limit: plan at the parent's priority
@@ -70,6 +71,19 @@ def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(_PARENT_POLL_S)
     os._exit(1)
+
+
+def _submit(pool: ProcessPoolExecutor, fn, *args):
+    """``pool.submit`` with Ctrl-C blocked in this thread: a process the submit starts inherits the
+    block, so a Ctrl-C while it imports (before its initializer ignores SIGINT) waits and is then
+    ignored, instead of printing a traceback and breaking the pool. The run itself still gets it."""
+    import signal
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 class Planner:
@@ -102,7 +116,7 @@ class Planner:
         if pool is None:
             return plan_slide(slide, mpp, opts, job.slide_id, cancel, job=job)
         try:
-            future = pool.submit(plan_slide_file, job, opts)
+            future = _submit(pool, plan_slide_file, job, opts)
             while True:
                 try:
                     return future.result(timeout=_POLL_S)
