@@ -170,6 +170,25 @@ def test_a_killed_owners_leftovers_are_cleared_on_resume(slide_copy, tmp_path):
     assert qc.exists() and not (out / ".s1.lock").exists() and not list(out.glob(".s1.qc.png.tmp-*"))
 
 
+def test_a_dead_runs_temporary_store_goes_even_without_its_lock(slide_copy, tmp_path):
+    """The locks deleted by hand after a crash: the complete slide is skipped, so only a sweep of
+    dead owners' temporaries (verify --repair, the end of an embed run) removes its leftover."""
+    out = tmp_path / "out"
+    assert embed_slide(slide_copy, out, [MODEL], "random", FAST).status == "done"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    orphan = out / f".s1.zarr.tmp-{host}-{dead.pid}-abcdef"
+    shutil.copytree(out / "s1.zarr", orphan)
+    live = out / f".s1.zarr.tmp-{host}-{os.getpid()}-abcdef"  # a run still going on this host
+    live.mkdir()
+    proc = run_cli("verify", str(orphan))
+    assert proc.returncode == 1 and "verify --repair on the folder to remove it" in proc.stderr, proc.stderr
+    proc = run_cli("verify", str(out), "--repair")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not orphan.exists() and live.is_dir() and (out / "s1.zarr").is_dir()
+
+
 def test_full_disk_fails_one_slide_in_one_line(slide_copy, tmp_path, monkeypatch, caplog):
     from wsi_embed import store
 

@@ -445,7 +445,7 @@ def verify(
 
     try:
         stores = {}  # a store named twice (itself and its folder, or through a link) is checked once
-        for store in (s for t in targets for s in find_stores(t)):
+        for store in (s for t in targets for s in find_stores(t, tidy=repair)):
             stores.setdefault(os.path.realpath(store), store)
         stores = list(stores.values())
         options = EmbedOptions(device=device, workers=workers)

@@ -35,7 +35,7 @@ from .atomic import append_whole, write_atomic
 from .machine import machine_info
 from .errors import WsiEmbedError
 from .locks import held_by_a_live_run
-from .store import completed_encoders, existing_output_folder, group_name, is_temporary, remove_stale_pictures, store_slide_id
+from .store import completed_encoders, existing_output_folder, group_name, is_temporary, remove_dead_temporaries, store_slide_id
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def finish_run(out_dir: str | os.PathLike, summary, *, maps: bool = True, cluste
     is one warning line (logged, and in :attr:`RunExtras.warnings`)."""
     out_dir = Path(out_dir).absolute()
     extras = RunExtras()
-    for path in remove_stale_pictures(out_dir):
+    for path in remove_dead_temporaries(out_dir):
         log.info("removed %s, left by a run that ended", path)
     try:
         append_run(out_dir, run_record(summary))

@@ -457,16 +457,22 @@ def remove_stale_temporaries(out_dir: Path, slide_id: str | None = None) -> list
     return removed
 
 
-def remove_stale_pictures(out_dir: Path) -> list[Path]:
-    """Delete the temporary pictures and pages (QC, maps, report) of runs whose process has ended:
-    a store skipped as complete is otherwise never tidied of them."""
+def remove_dead_temporaries(out_dir: Path) -> list[Path]:
+    """Delete the temporaries (stores, swapped-out old stores, QC pictures, maps, pages) of runs on
+    this host whose process has ended, whatever their slide's lock says: a store skipped as complete,
+    or one whose lock was deleted by hand, is otherwise never tidied of them. Repair backups are
+    left to :func:`settle_repair_backup`, which may have to put them back."""
     removed = []
-    for pattern in (f".*.qc.png{TMP_MARK}*", f".*.map.png{TMP_MARK}*", f".*.clusters.png{TMP_MARK}*",
-                    f".*.attention.png{TMP_MARK}*", f".*.html{TMP_MARK}*"):
+    for pattern in (f".*.zarr{TMP_MARK}*", f".*.zarr.old{TMP_MARK}*", f".*.qc.png{TMP_MARK}*",
+                    f".*.map.png{TMP_MARK}*", f".*.clusters.png{TMP_MARK}*", f".*.attention.png{TMP_MARK}*",
+                    f".*.html{TMP_MARK}*"):
         for path in Path(out_dir).glob(pattern):
-            if path.is_file() and owner_gone(path.name):
+            if owner_gone(path.name):
                 try:
-                    path.unlink(missing_ok=True)
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink(missing_ok=True)
                     removed.append(path)
                 except OSError as exc:  # another user's, in a shared folder: not ours to fail on
                     log.warning("%s: left by a run that ended, cannot be removed (%s)", path, exc.strerror or exc)

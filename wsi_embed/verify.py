@@ -33,6 +33,7 @@ from .errors import WsiEmbedError
 from .atomic import TMP_MARK, owner_gone
 from .store import (GEOMETRY_ARRAYS, OPTIONAL_ARRAYS, _read_array, _read_group, _remove, damage_reason,
                     expected_optional_arrays, group_dirs, has_checksums, is_temporary, refuse_inside_a_store,
+                    remove_dead_temporaries,
                     repair_backup_path, repair_hint, settle_repair_backup, settle_zarr_reads, store_of_backup,
                     store_slide_id)
 
@@ -450,20 +451,25 @@ def verify_store(path: str | os.PathLike, groups: Iterable[str] | None = None) -
     return report
 
 
-def find_stores(target: str | os.PathLike) -> list[Path]:
-    """The stores to check: ``target`` itself when it is a store, else every ``*.zarr`` in it."""
+def find_stores(target: str | os.PathLike, *, tidy: bool = False) -> list[Path]:
+    """The stores to check: ``target`` itself when it is a store, else every ``*.zarr`` in it.
+    ``tidy`` (a repair): the temporaries of ended runs in a folder are removed first."""
     target = Path(target)
     if not target.exists():
         raise WsiEmbedError(f"{target}: no such file or directory; give an output folder or a store")
     refuse_inside_a_store(target)
     if is_temporary(target.name):
         raise WsiEmbedError(f"{target}: a temporary store of a run that did not finish, not a store; rerun "
-                            "wsi-embed embed (or verify --repair) on its folder, which finishes or removes it")
+                            "wsi-embed embed on its folder to finish that slide (or wsi-embed verify --repair "
+                            "on the folder to remove it, once its run has ended)")
     if target.name.endswith(".zarr") or (target / "zarr.json").exists():
         return [target]
     if not target.is_dir():
         raise WsiEmbedError(f"{target}: not a folder; give an output folder of wsi-embed embed or a <slide_id>.zarr store")
     _restore_interrupted_repairs(target)
+    if tidy:
+        for path in remove_dead_temporaries(target):
+            log.info("removed %s, left by a run that ended", path)
     stores = sorted(p for p in target.iterdir() if p.name.endswith(".zarr") and p.is_dir()
                     and not is_temporary(p.name) and not p.name.startswith("."))
     if not stores:
