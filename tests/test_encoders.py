@@ -18,6 +18,8 @@ import torch
 
 from tests.weights_helpers import PUBLISHED_FILES, write_published_standins
 from wsi_embed.encoders import fetch, get_config, list_configs, load_encoder, models_table
+from wsi_embed.encoders.build import build_module
+from wsi_embed.encoders.weights import resolve
 from wsi_embed.errors import InvalidOption, UnknownModel, WeightsMismatch, WeightsUnavailable
 
 NAMED = [c.name for c in list_configs()]
@@ -299,10 +301,39 @@ def test_missing_and_unreadable_files(tmp_path):
 
 
 def test_url_spec_offline_names_url_and_cache():
+    from wsi_embed.encoders.fetch import url_cache_path
+
     url = "https://example.invalid/some/weights-v1.pth"
     with pytest.raises(WeightsUnavailable) as e:
         load_encoder("lunit-bt-rn50", url)
-    assert url in str(e.value) and str(hub_checkpoints() / "weights-v1.pth") in str(e.value)
+    assert url in str(e.value) and str(url_cache_path(url)) in str(e.value)
+    assert url_cache_path(url).parent.parent.parent == hub_checkpoints()
+
+
+def test_two_urls_of_one_file_name_never_stand_for_each_other(tmp_path):
+    """exp1/checkpoint.pth cached, exp2/checkpoint.pth asked: the cached file is not taken for it,
+    nor for a published file of the same name."""
+    from wsi_embed.encoders.fetch import url_cache_path
+    from wsi_embed.resume import expected_weights
+
+    exp1, exp2 = "https://lab.invalid/exp1/checkpoint.pth", "https://lab.invalid/exp2/checkpoint.pth"
+    assert url_cache_path(exp1) != url_cache_path(exp2) and url_cache_path(exp1).name == "checkpoint.pth"
+    cached = url_cache_path(exp1)
+    cached.parent.mkdir(parents=True)
+    torch.save(build_module(get_config("timm:test_vit")).state_dict(), cached)
+    _, info = resolve(get_config("timm:test_vit"), exp1)
+    assert (info.source, info.path, info.url) == ("url", str(cached), exp1)
+    with pytest.raises(WeightsUnavailable, match="exp2/checkpoint.pth"):
+        resolve(get_config("timm:test_vit"), exp2)
+    assert expected_weights("timm:test_vit", exp2).sha256 is None
+    assert expected_weights("timm:test_vit", exp1).sha256 == info.sha256
+    lunit = get_config("lunit-bt-rn50")
+    (hub_checkpoints() / lunit.weights_file).unlink(missing_ok=True)
+    other = f"https://lab.invalid/finetuned/{lunit.weights_file}"  # a published file's name
+    url_cache_path(other).parent.mkdir(parents=True)
+    url_cache_path(other).write_bytes(b"not the published file")
+    with pytest.raises(WeightsUnavailable):
+        resolve(lunit, "auto")  # the published file is not there: a URL's copy does not stand for it
 
 
 # --- timm-hosted weights ------------------------------------------------------------

@@ -72,6 +72,17 @@ def test_random_or_other_weights_are_redone(slide_copy, tmp_path, vit_weights):
     # a smoke test never replaces real embeddings
     assert embed_slide(slide_copy, out, [MODEL], "random", FAST).status == "skipped"
     assert open_store(other.store).encoder_attrs()["weights_random"] is False
+    # weights that cannot be hashed before they are fetched (auto, a URL not cached): the request must match
+    from wsi_embed.resume import _same_request, plan_resume
+
+    job = SlideJob(slide_copy, "s1")
+    for spec in ("auto", "https://lab.invalid/exp2/checkpoint.pth"):
+        resume = plan_resume(out, job, [MODEL], spec, options=FAST)
+        assert resume.todo == [MODEL] and resume.note == (f"its {MODEL} embeddings were made with --weights "
+                                                          f"{vit_weights[1]}, asked --weights {spec}"), resume
+    url = "https://lab.invalid/exp1/checkpoint.pth"
+    assert _same_request({"weights_spec": "auto"}, "AUTO") and _same_request({"weights_url": url}, url)
+    assert not _same_request({"weights_spec": "auto", "weights_url": url}, url.replace("exp1", "exp2"))
 
 
 def test_a_complete_store_kept_despite_another_dtype_says_so(slide_copy, tmp_path):
@@ -228,6 +239,8 @@ def test_limits_and_options_are_checked(slide_copy, tmp_path):
     (("--model", MODEL, "--weights", "random", "--precision", "fp8"), "--precision"),
     (("--model", MODEL, "--weights", "random", "--device", "cpu", "--decode", "gpu"), "--decode gpu"),
     (("--model", f"{MODEL},{MODEL}", "--weights", "random"), "named twice"),
+    (("--model", "timm:vit_small_patch16_224.badtag", "--weights", "random"), "no pretrained tag 'badtag'"),
+    (("--model", f"{MODEL},timm:test_resnet", "--weights", __file__), "one weights file for 2 models"),
 ])
 def test_the_first_screen_validates_before_the_banner(slide_copy, tmp_path, args, text):
     out = tmp_path / "out"

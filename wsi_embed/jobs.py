@@ -125,23 +125,32 @@ def slide_id_for(path: Path) -> str:
     return Path(name).stem
 
 
-def check_models(names: list[str]) -> None:
-    """Raise UnknownModel for a name that is neither registered nor a timm model, before any work."""
+def check_models(names: list[str], weights: str | None = None) -> None:
+    """Raise UnknownModel for a name that is neither registered nor a timm model (nor one of its
+    pretrained tags), and InvalidOption for one weights file or URL given to several models, before
+    any work."""
     from .encoders.registry import get_config
+    from .errors import UnknownModel
 
     if len(set(names)) < len(names):
         raise InvalidOption("the same model is named twice in --model")
+    spec = str(weights or "").strip()
+    if len(names) > 1 and spec.lower() not in ("", "auto", "random"):
+        raise InvalidOption(f"--weights {spec}: one weights file for {len(names)} models ({', '.join(names)}) would "
+                            "be loaded into each of them; embed each model in its own run with its own --weights")
     for name in names:
         if not name.startswith("timm:"):
             get_config(name)
             continue
         import timm
 
-        if not timm.is_model(name[len("timm:"):]):
-            from .errors import UnknownModel
-
-            raise UnknownModel(f"--model {name}: timm has no model {name[len('timm:'):]!r}; "
-                               "see timm.list_models() for the names")
+        tname = name[len("timm:"):]
+        if not timm.is_model(tname):
+            raise UnknownModel(f"--model {name}: timm has no model {tname!r}; see timm.list_models() for the names")
+        arch, _, tag = tname.partition(".")
+        if tag and tname not in timm.list_pretrained(tname):
+            tags = ", ".join(t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")[:8]) or "none"
+            raise UnknownModel(f"--model {name}: timm has no pretrained tag {tag!r} for {arch} (its tags: {tags})")
 
 
 def model_name(model) -> str:

@@ -63,27 +63,33 @@ def _kept_differences(store: Path, names: Sequence[str], opts) -> str | None:
 class ExpectedWeights:
     random: bool
     sha256: str | None  # None: not known without loading (a download, timm's hub)
+    spec: str = ""  # --weights as given
 
 
 def expected_weights(model: str, weights: str) -> ExpectedWeights:
     """The weights ``--weights`` would give ``model``, as far as known without loading anything."""
-    from .encoders.fetch import find_published, hub_checkpoint_dir, sha256_file, url_basename
+    from .encoders.fetch import find_published, sha256_file, url_cache_path
     from .encoders.registry import get_config
 
-    spec = (weights or "").strip()
+    spec = str(weights or "").strip()
     if spec.lower() == "random":
-        return ExpectedWeights(True, None)
+        return ExpectedWeights(True, None, spec)
     path: Path | None = None
     if spec.lower() == "auto":
         if not model.startswith("timm:"):
             found = find_published(get_config(model))
             path = found[1] if found else None
     elif spec.lower().startswith(("http://", "https://")):
-        path = hub_checkpoint_dir() / url_basename(spec)
+        published = None if model.startswith("timm:") else get_config(model)
+        if published is not None and spec == published.weights_url:
+            found = find_published(published)
+            path = found[1] if found else None
+        else:
+            path = url_cache_path(spec)
     else:
         path = Path(spec).expanduser()
     sha = sha256_file(path) if path is not None and path.is_file() else None
-    return ExpectedWeights(False, sha)
+    return ExpectedWeights(False, sha, spec)
 
 
 def _read_json(path: Path) -> dict:
@@ -107,7 +113,19 @@ def _stale_weights(store: Path, name: str, expected: ExpectedWeights) -> str | N
     have = attrs.get("weights_sha256")
     if expected.sha256 and have and have != expected.sha256:
         return f"its {name} embeddings were made with other weights (sha256 {have[:12]}, now {expected.sha256[:12]})"
+    if expected.sha256 is None and not _same_request(attrs, expected.spec):
+        # which file this run's weights are is known only once fetched: the request itself must match
+        return (f"its {name} embeddings were made with --weights {attrs.get('weights_spec') or '?'}, "
+                f"asked --weights {expected.spec}")
     return None
+
+
+def _same_request(attrs: dict, spec: str) -> bool:
+    """Whether a group's recorded weights answer ``--weights spec`` when its file is not here to hash:
+    ``auto`` again (the published or timm-hosted file), or the very URL they came from."""
+    if spec.lower() == "auto":
+        return str(attrs.get("weights_spec") or "").lower() == "auto"
+    return spec in (attrs.get("weights_url"), attrs.get("weights_spec"))
 
 
 def options_conflict(store: Path, attrs: dict, job: SlideJob, opts) -> str | None:

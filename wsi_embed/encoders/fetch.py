@@ -118,6 +118,14 @@ def url_basename(url: str) -> str:
     return os.path.basename(urllib.parse.urlparse(url).path)
 
 
+def url_cache_path(url: str) -> Path:
+    """Where ``--weights URL`` is cached: a folder per URL in the hub cache, so two URLs ending in
+    the same file name (``.../exp1/checkpoint.pth``, ``.../exp2/checkpoint.pth``) never stand for
+    each other, nor for a published file of that name."""
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return hub_checkpoint_dir() / "wsi-embed-urls" / key / url_basename(url)
+
+
 def check_reachable(url: str, timeout: float = CHECK_TIMEOUT_S) -> None:
     """Raise ``Unreachable`` unless the URL's server answers within ``timeout`` seconds.
 

@@ -49,7 +49,7 @@ def _is_url(spec: str) -> bool:
 
 def resolve(cfg: EncoderConfig, spec: str = "auto") -> tuple[nn.Module, WeightsInfo]:
     """Build ``cfg``'s module and load the weights ``spec`` names into it."""
-    spec = (spec or "").strip()
+    spec = str(spec or "").strip()
     if not spec:
         raise InvalidOption("--weights is empty: give auto, random, a file path or an http(s) URL.")
     if spec.lower() == "random":
@@ -119,10 +119,11 @@ def offline_message(cfg: EncoderConfig, reason: str) -> str:
 
 
 def _url(cfg: EncoderConfig, url: str) -> tuple[nn.Module, WeightsInfo]:
-    name = fetch.url_basename(url)
-    if not name:
+    if cfg.weights_url and url == cfg.weights_url:  # the published file, wherever auto finds it
+        return _published(cfg, url)
+    if not fetch.url_basename(url):
         raise InvalidOption(f"--weights {url}: the URL names no file to cache it under.")
-    dst = fetch.hub_checkpoint_dir() / name
+    dst = fetch.url_cache_path(url)
     if not dst.is_file():
         try:
             fetch.check_reachable(url)
