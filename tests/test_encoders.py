@@ -427,3 +427,25 @@ def test_weights_given_as_a_folder_say_so(tmp_path):
 
     with pytest.raises(InvalidOption, match="weights path is a folder, not a file"):
         load_encoder("timm:test_vit", str(tmp_path))
+
+
+def test_a_wrong_or_empty_cached_file_says_to_fetch_it_again_and_a_head_says_how_to_drop_it(tmp_path):
+    from wsi_embed.encoders import models_table
+
+    cfg = get_config("lunit-dino-vits16")
+    cached = hub_checkpoints() / cfg.weights_file
+    cached.write_bytes(b"")  # a copy that failed: not cached
+    assert not next(r for r in models_table() if r["name"] == cfg.name)["cached"]
+    with pytest.raises(WeightsUnavailable):
+        load_encoder(cfg.name, "auto")
+    torch.save(build_module(get_config("lunit-dino-vits8")).state_dict(), cached)  # another model's file there
+    with pytest.raises(WeightsMismatch, match="is not them; delete it so that it is fetched again") as err:
+        load_encoder(cfg.name, "auto")
+    assert "use --model" not in str(err.value) and cfg.weights_url in str(err.value)
+    sd = build_module(get_config("lunit-bt-rn50")).state_dict()
+    sd.update({"fc.weight": torch.zeros(10, 2048), "fc.bias": torch.zeros(10)})
+    torch.save(sd, tmp_path / "finetuned.pth")
+    with pytest.raises(WeightsMismatch, match=r"use --model imagenet-rn50 if that is what it is; if it is "
+                                              r"lunit-bt-rn50's trunk with a classification head, save it "
+                                              r"without its fc\.\* keys"):
+        load_encoder("lunit-bt-rn50", str(tmp_path / "finetuned.pth"))

@@ -134,9 +134,12 @@ def mismatch_message(path: Path, cfg: EncoderConfig, module: nn.Module, sd: Mapp
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches ({_examples(shapes)});")
     fits = [c for c in fitting_models(sd) if c.name != cfg.name]
+    head = sorted({k.split(".")[0] for k in unexpected}) if unexpected and not missing and not shapes else []
     if fits:
         which = " or ".join(f"{c.name} ({c.architecture})" for c in fits)
-        parts.append(f"this file looks like weights for {which}; use --model {fits[0].name}.")
+        parts.append(f"this file looks like weights for {which}; use --model {fits[0].name}"
+                     + (f" if that is what it is; if it is {cfg.name}'s trunk with a classification head, "
+                        f"save it without its {', '.join(k + '.*' for k in head)} keys." if head else "."))
     else:
         parts.append("no registered model matches this file's keys and shapes.")
     return " ".join(parts)

@@ -62,7 +62,8 @@ def published_candidates(cfg: EncoderConfig) -> list[tuple[str, Path]]:
 
 
 def find_published(cfg: EncoderConfig) -> tuple[str, Path] | None:
-    return next(((s, p) for s, p in published_candidates(cfg) if p.is_file()), None)
+    """The first candidate that is a file with something in it (an empty one is a failed copy)."""
+    return next(((s, p) for s, p in published_candidates(cfg) if p.is_file() and p.stat().st_size > 0), None)
 
 
 def _safe_alternative(filename: str) -> str | None:

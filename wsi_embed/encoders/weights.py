@@ -85,7 +85,16 @@ def _random(cfg: EncoderConfig, spec: str) -> tuple[nn.Module, WeightsInfo]:
 
 def _from_file(cfg: EncoderConfig, spec: str, source: str, path: Path, url: str | None):
     module = build_module(cfg)
-    load_strict(module, cfg, path)
+    try:
+        load_strict(module, cfg, path)
+    except WeightsMismatch as exc:
+        if source == "file":
+            raise
+        # a cached or fetched copy that is not what its name says: the fix is the file, not the model
+        found = str(exc).split("; ", 1)[0].split(". ", 1)[0]
+        raise WeightsMismatch(f"{found}: this file, where wsi-embed keeps {cfg.name}'s weights ({source}), is "
+                              f"not them; delete it so that it is fetched again, or put the right file there"
+                              f"{' (' + url + ')' if url else ''}") from None
     log.info("%s: loaded weights from %s", cfg.name, path)
     # absolute: a repair run from another folder must find the same file
     return module, WeightsInfo(spec, source, os.path.abspath(path), url, sha256_file(path))
