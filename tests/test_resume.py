@@ -231,6 +231,9 @@ def test_limits_and_options_are_checked(slide_copy, tmp_path):
     assert not list((tmp_path / "out").glob("*.zarr"))
     with pytest.raises(InvalidOption, match="--lock-stale-after"):
         EmbedOptions(lock_stale_after=-5)
+    with pytest.raises(InvalidOption, match="--lock-stale-after 2 is under 120 s: a running process refreshes"):
+        EmbedOptions(lock_stale_after=2)  # another host would take live slides over
+    assert EmbedOptions(lock_stale_after=120).lock_stale_after == 120
 
 
 @pytest.mark.parametrize("args, text", [

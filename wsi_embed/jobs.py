@@ -12,7 +12,7 @@ from typing import Literal
 from .artefacts import BLANK_THRESHOLD, BLUR_THRESHOLD
 from .errors import InvalidOption
 from .grid import GridSpec
-from .locks import DEFAULT_STALE_AFTER
+from .locks import DEFAULT_STALE_AFTER, HEARTBEAT_EVERY, MIN_STALE_AFTER
 from .slide import BACKENDS
 from .tissue import TissueParams
 
@@ -71,6 +71,10 @@ class EmbedOptions:
             raise InvalidOption(f"unknown --backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         if not self.lock_stale_after > 0:
             raise InvalidOption(f"--lock-stale-after must be a positive number of seconds, got {self.lock_stale_after}")
+        if self.lock_stale_after < MIN_STALE_AFTER:
+            raise InvalidOption(f"--lock-stale-after {self.lock_stale_after:g} is under {MIN_STALE_AFTER:g} s: a running "
+                                f"process refreshes its locks about every {HEARTBEAT_EVERY:g} s (less often while it plans "
+                                "a large slide), so another host would take its live slides over")
         if self.decode not in DECODE_MODES:
             raise InvalidOption(f"unknown --decode {self.decode!r}; use one of {', '.join(DECODE_MODES)}")
         if self.max_cells < 1:

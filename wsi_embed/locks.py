@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STALE_AFTER = 3600.0  # seconds without a heartbeat before another host's lock is stale
 HEARTBEAT_EVERY = 60.0
+MIN_STALE_AFTER = 2 * HEARTBEAT_EVERY  # the least --lock-stale-after that leaves a live run its locks
 _UNREADABLE_GRACE = 30.0  # a lock file being written right now may still be empty
 _GUARD_EXPIRES = 30.0  # a takeover takes milliseconds; an older guard was left by a dead process
 _PID_LIMIT = 1 << 31  # pids are positive C ints on every system we might share a folder with
