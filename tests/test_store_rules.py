@@ -254,3 +254,13 @@ def test_reading_commands_say_what_their_folder_is_instead(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(WsiEmbedError, match="no \\*.zarr stores in it"):
         build_index(tmp_path / "empty", "timm:test_vit")
+
+
+def test_a_dangling_link_as_out_says_where_it_points(tmp_path):
+    from wsi_embed.errors import OutputNotWritable
+    from wsi_embed.store import check_out_dir
+
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(OutputNotWritable, match=f"{link}: a link to {tmp_path / 'gone'}, which does not exist"):
+        check_out_dir(link)

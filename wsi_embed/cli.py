@@ -271,6 +271,9 @@ def embed(
     except WsiEmbedError as exc:
         remove_if_empty(made)  # a run that stopped before any slide leaves no empty --out behind
         _fail(str(exc), EXIT_WEIGHTS_UNAVAILABLE if isinstance(exc, WeightsUnavailable) else EXIT_FAILED)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the same, then main() says "interrupted"
+        remove_if_empty(made)
+        raise
     from .report import finish_run
 
     extras = finish_run(out, summary, maps=maps, clusters=clusters)  # never fails the run: warnings only

@@ -128,6 +128,9 @@ def remove_if_empty(folders: list[Path]) -> None:
 def check_out_dir(out_dir: str | os.PathLike) -> Path:
     """Refuse a store, or a folder inside one, as an output folder: a run written there would damage it."""
     out_dir = Path(out_dir)
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise OutputNotWritable(f"{out_dir}: a link to {os.readlink(out_dir)}, which does not exist; create that "
+                                "folder, or choose another --out")
     store = enclosing_store(out_dir)
     if store is not None:
         where = "is a store" if store == out_dir.absolute() else f"is inside the store {store}"
