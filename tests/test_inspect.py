@@ -92,3 +92,15 @@ def test_a_group_whose_metadata_is_lost_says_so(planted_cohort, tmp_path):
     assert line == "encoder      timm-test_vit: its metadata cannot be read (embeddings: dim 64, float16), INCOMPLETE"
     enc = json.loads(run_cli("inspect", str(store), "--json").stdout)["encoders"][0]
     assert enc["metadata_readable"] is False and enc["complete"] is False and enc["dim"] == 64
+
+
+def test_a_temporary_store_is_not_inspected_as_one(planted_cohort, tmp_path):
+    import pytest
+
+    from wsi_embed.errors import IncompleteStore
+    from wsi_embed.inspect import inspect_store
+
+    temporary = tmp_path / ".planted_000.zarr.tmp-host-1-abcdef"  # as a killed run leaves it
+    shutil.copytree(planted_cohort["out"] / "planted_000.zarr", temporary)
+    with pytest.raises(IncompleteStore, match="a temporary store of a run that did not finish, not a store"):
+        inspect_store(temporary)

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 from .errors import IncompleteStore
-from .store import (_read_array, _read_group, enclosing_store, group_dirs, is_temporary, refuse_inside_a_store,
-                    store_slide_id)
+from .store import (_read_array, _read_group, enclosing_store, group_dirs, is_temporary, refuse_a_temporary_store,
+                    refuse_inside_a_store, store_slide_id)
 from .verify import GEOMETRY, verify_store
 
 _SLIDE_KEYS = ("slide_id", "path", "vendor", "backend", "dimensions", "mpp", "mpp_source", "objective_power",
@@ -53,6 +53,7 @@ def inspect_store(path: str | os.PathLike) -> dict:
     path that is not a store at all."""
     path = Path(path)
     refuse_inside_a_store(path, give=f"the store itself: wsi-embed inspect {enclosing_store(path)}")
+    refuse_a_temporary_store(path)
     if not path.exists():
         raise IncompleteStore(f"{path}: no such file or directory; give a <slide_id>.zarr folder")
     if not path.is_dir() or (not (path / "zarr.json").exists() and not (path / "mask").is_dir()):

@@ -109,6 +109,14 @@ def refuse_inside_a_store(path: str | os.PathLike, give: str = "the <slide_id>.z
         raise IncompleteStore(f"{path}: inside the store {store}, not a store itself; give {give}")
 
 
+def refuse_a_temporary_store(path: str | os.PathLike, error: type[WsiEmbedError] = IncompleteStore) -> None:
+    """A killed or running run's temporary store (``.<id>.zarr.tmp-*``) is not a store."""
+    if is_temporary(Path(path).name):
+        raise error(f"{path}: a temporary store of a run that did not finish, not a store; rerun wsi-embed embed "
+                    "on its folder to finish that slide (or wsi-embed verify --repair on the folder to remove it, "
+                    "once its run has ended)")
+
+
 def folders_to_make(path: str | os.PathLike) -> list[Path]:
     """The folders that creating ``path`` would make, deepest first (see :func:`remove_if_empty`)."""
     path = Path(path).absolute()

@@ -33,7 +33,7 @@ from .errors import WsiEmbedError
 from .atomic import TMP_MARK, owner_gone
 from .store import (GEOMETRY_ARRAYS, OPTIONAL_ARRAYS, _read_array, _read_group, _remove, damage_reason,
                     expected_optional_arrays, group_dirs, has_checksums, is_temporary, refuse_inside_a_store,
-                    remove_dead_temporaries,
+                    refuse_a_temporary_store, remove_dead_temporaries,
                     repair_backup_path, repair_hint, settle_repair_backup, settle_zarr_reads, store_of_backup,
                     store_slide_id)
 
@@ -458,10 +458,7 @@ def find_stores(target: str | os.PathLike, *, tidy: bool = False) -> list[Path]:
     if not target.exists():
         raise WsiEmbedError(f"{target}: no such file or directory; give an output folder or a store")
     refuse_inside_a_store(target)
-    if is_temporary(target.name):
-        raise WsiEmbedError(f"{target}: a temporary store of a run that did not finish, not a store; rerun "
-                            "wsi-embed embed on its folder to finish that slide (or wsi-embed verify --repair "
-                            "on the folder to remove it, once its run has ended)")
+    refuse_a_temporary_store(target, WsiEmbedError)
     if target.name.endswith(".zarr") or (target / "zarr.json").exists():
         return [target]
     if not target.is_dir():
