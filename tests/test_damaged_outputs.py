@@ -323,6 +323,17 @@ def test_the_report_does_not_call_a_slide_complete_whose_locking_run_died(cohort
     page = (out / "report.html").read_text()
     assert "3: 2 done, 0 skipped (complete before), 1 failed" in page
     assert f"{out / 'c'}.zarr: not embedded: the run that held it (somehost:" in page
+    import json
+    import socket
+    import time
+
+    from wsi_embed.locks import lock_path
+
+    lock_path(out, "c").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                               "started": time.time(), "token": "x"}))  # its run is alive
+    assert run_cli("report", str(out)).returncode == 0
+    page = (out / "report.html").read_text()
+    assert "3: 2 done, 0 skipped (complete before), 1 being embedded by another run, 0 failed" in page
 
 
 def test_verify_says_which_backups_hold_groups_and_removes_stale_ones(cohort, tmp_path, caplog):

@@ -364,9 +364,11 @@ def _fmt_seconds(s: float) -> str:
 
 def _summary(rows: list[Row], runs: list[dict]) -> list[tuple[str, str]]:
     counts = {k: sum(r.status == k for r in rows) for k in ("done", "skipped", "failed")}
+    locked = sum(r.status == "skipped" and r.note.startswith("locked by") for r in rows)
     patches = sum(r.cells or 0 for r in rows if r.status != "failed")
-    items = [("slides", f"{len(rows)}: {counts['done']} done, {counts['skipped']} skipped "
-                        f"(complete before), {counts['failed']} failed"),
+    elsewhere = f", {locked} being embedded by another run" if locked else ""
+    items = [("slides", f"{len(rows)}: {counts['done']} done, {counts['skipped'] - locked} skipped "
+                        f"(complete before){elsewhere}, {counts['failed']} failed"),
              ("patches", f"{patches:,} embedded cells")]
     if runs:
         seconds = sum(float(r.get("seconds") or 0) for r in runs)
