@@ -106,3 +106,18 @@ def test_formats_without_native_support_fall_back(tmp_path, sample_slide):
     path = write_pyramid(tmp_path / "grey.tif", [grey], tile=256, compression="zlib", photometric="minisblack")
     assert TileSource.open(path, [(600, 500)]) is None  # grey: the slide reader converts it
     assert TileSource.open(sample_slide, [(1, 1)]) is None  # levels that are not the reader's levels
+
+
+def test_a_file_cut_while_it_is_read_names_the_tile_and_the_fix(tmp_path, sample_slide):
+    import os
+    import shutil
+
+    from wsi_embed.errors import UnreadableSlide
+
+    path = shutil.copy(sample_slide, tmp_path / "s.svs")
+    src = TileSource.open(path)
+    last = int(src.levels[0].offsets[-1, -1])
+    os.truncate(path, last + 10)  # overwritten in place by a shorter file while it is open
+    ty, tx = (int(i) for i in np.argwhere(src.levels[0].offsets == last)[0])
+    with pytest.raises(UnreadableSlide, match=rf"{path}: level 0, tile \({tx}, {ty}\) is cut short .* re-copy it"):
+        src.raw_tile(0, ty, tx)

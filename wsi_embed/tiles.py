@@ -207,7 +207,10 @@ class TileSource:
             return None
         data = os.pread(self._fd, count, offset)
         if len(data) != count:
-            raise OSError(f"tile ({tx}, {ty}) is cut short: {len(data)} of {count} bytes")
+            level = next(i for i, other in enumerate(self.levels) if other is lv)
+            raise UnreadableSlide(f"{self.path}: level {level}, tile ({tx}, {ty}) is cut short ({len(data)} of {count} "
+                                  "bytes): the file is truncated, or was overwritten while it was read; re-copy it "
+                                  "and rerun")
         return data
 
     def jpeg_stream(self, level: int, ty: int, tx: int) -> bytes | None:
