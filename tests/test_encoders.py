@@ -280,7 +280,10 @@ def test_wrapped_and_prefixed_checkpoints_load(tmp_path):
     module = load_encoder("timm:test_vit", "random").module
     sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in module.state_dict().items()}
     dino = tmp_path / "dino.pth"
-    torch.save({"teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, "head.last_layer.weight": torch.zeros(2)}}, dino)
+    import argparse
+
+    torch.save({"teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, "head.last_layer.weight": torch.zeros(2)},
+                "args": argparse.Namespace(arch="vit_small", lr=0.0005), "epoch": 100}, dino)  # as DINO saves it
     ddp = tmp_path / "ddp.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, ddp)
     for path in (dino, ddp):

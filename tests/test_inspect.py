@@ -92,6 +92,15 @@ def test_a_group_whose_metadata_is_lost_says_so(planted_cohort, tmp_path):
     assert line == "encoder      timm-test_vit: its metadata cannot be read (embeddings: dim 64, float16), INCOMPLETE"
     enc = json.loads(run_cli("inspect", str(store), "--json").stdout)["encoders"][0]
     assert enc["metadata_readable"] is False and enc["complete"] is False and enc["dim"] == 64
+    from wsi_embed.verify import verify_store
+
+    (store / "notes").mkdir()  # someone's folder put inside the store: not a group to re-embed
+    (store / "notes" / "a.txt").write_text("x")
+    fixes = verify_store(store).unrepairable
+    assert fixes == ["group timm-test_vit lost its encoder attrs (name, weights); re-embed it with wsi-embed embed "
+                     f"SLIDE --out {tmp_path} --model NAME",  # a plain rerun redoes it: no --overwrite
+                     f"{store / 'notes'} is not an encoder group (no zarr.json, no embeddings): a folder put inside "
+                     "the store; move it out of the store"], fixes
 
 
 def test_a_temporary_store_is_not_inspected_as_one(planted_cohort, tmp_path):

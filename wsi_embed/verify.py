@@ -377,8 +377,12 @@ def _check_group(path: Path, key: str, geo: _Geometry, report: StoreReport) -> N
         why = damage_reason(exc) if (gpath / "zarr.json").exists() and not isinstance(exc, KeyError) else (
             "its zarr.json is missing" if not (gpath / "zarr.json").exists() else "its encoder attrs are missing")
         report.problems.append(Problem(key, key, f"group metadata unreadable: {why}"))
-        report.unrepairable.append(f"group {key} lost its encoder attrs (name, weights); re-embed it with "
-                                   f"wsi-embed embed SLIDE --out {path.parent} --model NAME --overwrite")
+        if not (gpath / "zarr.json").exists() and not (gpath / "embeddings").exists():
+            report.unrepairable.append(f"{gpath} is not an encoder group (no zarr.json, no embeddings): a folder "
+                                       "put inside the store; move it out of the store")
+        else:  # a run redoes a group it cannot read, beside the store's other groups
+            report.unrepairable.append(f"group {key} lost its encoder attrs (name, weights); re-embed it with "
+                                       f"wsi-embed embed SLIDE --out {path.parent} --model NAME")
         return
     report.encoders[name] = enc
     report.nodes[name] = key

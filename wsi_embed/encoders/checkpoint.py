@@ -46,7 +46,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             obj = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            import argparse
+
+            # training checkpoints (DINO's, timm's) keep their argparse options beside the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
         raise WeightsMismatch(
             f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {_reason(e)}). "
