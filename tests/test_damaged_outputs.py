@@ -235,12 +235,13 @@ def test_a_changed_slide_mpp_is_another_grid(cohort, sample_slide, tmp_path):
     assert proc.returncode == 1
     assert (f"error: {out / 'a.zarr'}: exists with another slide pixel size (the slide's own 0.499 µm/px, asked "
             "--slide-mpp 0.25); use --overwrite to rebuild it, or choose another --out") in proc.stderr
-    other = tmp_path / "other"
-    assert run_cli("embed", str(sample_slide), "--out", str(other), *EMBED, "--slide-mpp", "0.5").returncode == 0
-    proc = run_cli("embed", str(sample_slide), "--out", str(other), *EMBED)
-    assert proc.returncode == 1 and "(--slide-mpp 0.5, asked the slide's own pixel size)" in proc.stderr
-    proc = run_cli("embed", str(sample_slide), "--out", str(other), *EMBED, "--slide-mpp", "0.5")
-    assert proc.returncode == 0 and "skipped CMU-1-Small-Region:" in proc.stdout
+    from wsi_embed import EmbedOptions, embed_slide  # the same checks through the API: CLI starts cost seconds
+
+    other, opts = tmp_path / "other", EmbedOptions(workers=0)
+    assert embed_slide(sample_slide, other, [VIT], "random", opts, slide_mpp=0.5).status == "done"
+    again = embed_slide(sample_slide, other, [VIT], "random", opts)
+    assert again.status == "failed" and "(--slide-mpp 0.5, asked the slide's own pixel size)" in again.error
+    assert embed_slide(sample_slide, other, [VIT], "random", opts, slide_mpp=0.5).status == "skipped"
 
 
 def test_verify_of_a_temporary_store_or_of_a_folder_without_a_finished_one(cohort, tmp_path):

@@ -96,7 +96,7 @@ def test_a_group_whose_metadata_is_lost_says_so(planted_cohort, tmp_path):
 
     (store / "notes").mkdir()  # someone's folder put inside the store: not a group to re-embed
     (store / "notes" / "a.txt").write_text("x")
-    fixes = verify_store(store).unrepairable
+    fixes = sorted(verify_store(store).unrepairable, reverse=True)
     assert fixes == ["group timm-test_vit lost its encoder attrs (name, weights); re-embed it with wsi-embed embed "
                      f"SLIDE --out {tmp_path} --model NAME",  # a plain rerun redoes it: no --overwrite
                      f"{store / 'notes'} is not an encoder group (no zarr.json, no embeddings): a folder put inside "

@@ -219,7 +219,6 @@ def embed(
         models_ = [m.strip() for m in model.split(",") if m.strip()]
         if not models_:
             _fail(f"--model {model!r} names no model; see `wsi-embed models`")
-        check_models(models_, weights)
         check_out_dir(out)
         if slide_mpp is not None:
             check_slide_mpp(slide_mpp)
@@ -258,6 +257,7 @@ def embed(
             import distributed  # noqa: F401
 
             logging.getLogger("distributed").setLevel(logging.WARNING)
+        check_models(models_, weights)  # last: a timm name imports timm (seconds), the checks above are instant
         if weights.strip().lower() == "random":
             typer.echo(RANDOM_BANNER, err=True)
         progress = Progress(len(jobs), slide_bar=cluster is None)  # dask reports whole slides only
