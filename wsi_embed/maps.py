@@ -93,9 +93,9 @@ class Projection:
 
 def fit_projection(feats: np.ndarray, *, encoder: str, clusters: int | None = None,
                    slides: int = 1) -> Projection:
-    """Fit PCA(3) (and k-means with ``clusters`` centres) on ``feats`` (n, dim)."""
-    from sklearn.decomposition import PCA
-
+    """Fit PCA(3) (and k-means with ``clusters`` centres) on ``feats`` (n, dim). The PCA is numpy's
+    SVD of the centred sample, as scikit-learn's full solver computes it (whose import alone takes
+    a second at the end of every run)."""
     feats = np.asarray(feats, np.float32)
     feats = feats[np.isfinite(feats).all(axis=1)]
     n, dim = feats.shape
@@ -104,8 +104,7 @@ def fit_projection(feats: np.ndarray, *, encoder: str, clusters: int | None = No
     low, high = np.zeros(3, np.float32), np.zeros(3, np.float32)
     k = min(3, n - 1, dim) if n > 1 else 0
     if k > 0 and float(np.ptp(feats, axis=0).max()) > 0:
-        pca = PCA(n_components=k, svd_solver="full").fit(feats)
-        comps = pca.components_.astype(np.float32)
+        comps = np.linalg.svd(feats - mean, full_matrices=False)[2][:k].astype(np.float32)
         # deterministic sign: the largest loading of each component is positive
         big = np.abs(comps).argmax(1)
         comps *= np.sign(comps[np.arange(k), big])[:, None]
