@@ -197,6 +197,7 @@ def test_info_on_a_store_folder_or_a_pipe_says_what_it_is(bad_run, tmp_path):
     assert_clean_failure(proc, tmp_path / "nothing-here", str(pipe), "not a regular file")
 
 
+@pytest.mark.slow  # in -m slow: keeps CI under 15 minutes
 def test_bench_takes_the_slide_mpp_its_message_asks_for(bad_run):
     path = bad_run["paths"]["no_mpp"]
     args = ("bench", str(path), "--model", "timm:test_vit", "--max-patches", "8", "--naive-patches", "0", "--json")

@@ -459,6 +459,7 @@ def fake_task(job, out_dir, models, weights, options, torch_threads=None):
     return SlideResult(str(job.path), job.slide_id, "done", cells=1, encoders=list(models)), "worker", os.getpid()
 
 
+@pytest.mark.slow  # in -m slow: keeps CI under 15 minutes
 def test_dask_worker_death_is_a_failed_slide_and_errors_are_retried(tmp_path):
     from wsi_embed.cohort.dask_driver import run_cohort_dask
     from wsi_embed.jobs import SlideJob
@@ -500,6 +501,7 @@ def test_local_gpu_workers_are_pinned_and_may_fork(tmp_path, monkeypatch):
     assert notes <= {f"3,False,{loader},False", f"5,False,{loader},False"} and len(summary.results) == 6
 
 
+@pytest.mark.slow  # in -m slow: keeps CI under 15 minutes
 def test_running_scheduler_address(biopsies, serial, tmp_path):
     """--cluster tcp://...: a scheduler we did not start; its workers are daemonic, so the task
     reads in-process even when loader workers were asked for."""

@@ -155,6 +155,7 @@ def test_a_slide_changed_in_place_is_named_as_changed(cohort, sample_slide, tmp_
            "embed it again" in proc.stderr
 
 
+@pytest.mark.slow  # in -m slow: keeps CI under 15 minutes
 def test_outputs_inside_the_input_folder_are_not_plain_pictures(cohort, tmp_path):
     """With --out inside the slide folder, the second run warned about its own QC pictures."""
     slides = tmp_path / "slides"

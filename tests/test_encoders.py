@@ -399,6 +399,7 @@ def test_models_table(standins, monkeypatch, tmp_path):
                 "weights_file", "licence", "cached"} <= set(r)
 
 
+@pytest.mark.slow  # in -m slow: keeps CI under 15 minutes
 def test_missing_weights_leave_no_output_folders_behind(tmp_path, sample_slide, monkeypatch):
     """A run that stops before any slide (exit 3) removes the folders it made for --out, parents too."""
     from tests.conftest import run_cli

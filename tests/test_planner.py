@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from wsi_embed import EmbedOptions, open_store
 from wsi_embed.cohort import embed_cohort, plan_cohort
 
@@ -39,6 +40,7 @@ def test_a_slide_that_fails_in_a_planning_process_fails_alone_in_one_line(tmp_pa
                          "add it, or give this slide's file in the --list CSV")
 
 
+@pytest.mark.slow  # in -m slow: keeps CI under 15 minutes
 def test_a_script_without_a_main_guard_still_embeds_once(tmp_path, sample_slide, painted_slide):
     """A planning process imports the calling script again: one without `if __name__ == "__main__":`
     must not start a second run there. That process refuses with a line saying what to do, and the

@@ -215,6 +215,7 @@ def test_report_refuses_a_folder_that_is_not_an_output_folder(tmp_path):
     assert not (tmp_path / "report.html").exists()
 
 
+@pytest.mark.slow  # in -m slow: keeps CI under 15 minutes
 def test_a_manifest_shared_by_two_output_folders(sample_slide, tmp_path):
     """Each folder's report lists its own slides; a skipped slide's row gives the cells its store holds;
     the run record names the manifest by its absolute path (reports from any working directory)."""
