@@ -280,7 +280,8 @@ def embed(
     if extras.report is not None:
         typer.echo(f"report: {extras.report}")
     written = summary.manifest is not None and Path(summary.manifest).exists()
-    typer.echo(f"summary: {summary.line()}; " + (f"manifest {summary.manifest}" if written else "no manifest (no slide ran)"))
+    where = f"manifest {summary.manifest}" if written else "no manifest (no slide ran)"
+    typer.echo(f"summary: {summary.line()}; {where}")
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
 

@@ -112,7 +112,8 @@ class Grid:
         return d
 
 
-def cells_under(points0: np.ndarray, starts0: np.ndarray, stride0: float, cell0: float) -> tuple[np.ndarray, np.ndarray]:
+def cells_under(points0: np.ndarray, starts0: np.ndarray, stride0: float,
+                cell0: float) -> tuple[np.ndarray, np.ndarray]:
     """Along one axis, for level-0 positions: the cell whose centre is nearest (cells start at
     ``starts0``, ``cell0`` wide, ``stride0`` apart, so overlapping cells share their overlap at its
     middle), and whether the position lies on the grid. What pictures of a grid paint where."""

@@ -106,7 +106,8 @@ def inspect_lines(info: dict) -> list[str]:
     else:
         lines.append("slide        unreadable (root metadata damaged)")
     if g:
-        lines.append(f"grid         {g['cols']} x {g['rows']} cells (across x down) of {g['patch_px']} px at {g['target_mpp']:g} µm/px, "
+        lines.append(f"grid         {g['cols']} x {g['rows']} cells (across x down) of {g['patch_px']} px "
+                     f"at {g['target_mpp']:g} µm/px, "
                      f"stride {g['stride_px']} px, level {g['level']} ({g['level_mpp']:.4g} µm/px)")
     if t:
         lines.append(f"tissue       {t['area_mm2']:.3f} mm², {t['cells_embedded']} cells embedded "

@@ -72,9 +72,9 @@ class EmbedOptions:
         if not self.lock_stale_after > 0:
             raise InvalidOption(f"--lock-stale-after must be a positive number of seconds, got {self.lock_stale_after}")
         if self.lock_stale_after < MIN_STALE_AFTER:
-            raise InvalidOption(f"--lock-stale-after {self.lock_stale_after:g} is under {MIN_STALE_AFTER:g} s: a running "
-                                f"process refreshes its locks about every {HEARTBEAT_EVERY:g} s (less often while it plans "
-                                "a large slide), so another host would take its live slides over")
+            raise InvalidOption(f"--lock-stale-after {self.lock_stale_after:g} is under {MIN_STALE_AFTER:g} s: "
+                                f"a running process refreshes its locks about every {HEARTBEAT_EVERY:g} s (less "
+                                "often while it plans a large slide), so another host would take its live slides over")
         if self.decode not in DECODE_MODES:
             raise InvalidOption(f"unknown --decode {self.decode!r}; use one of {', '.join(DECODE_MODES)}")
         if self.max_cells < 1:

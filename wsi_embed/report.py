@@ -35,7 +35,8 @@ from .atomic import append_whole, write_atomic
 from .machine import machine_info
 from .errors import WsiEmbedError
 from .locks import held_by_a_live_run
-from .store import completed_encoders, existing_output_folder, group_name, is_temporary, remove_dead_temporaries, store_slide_id
+from .store import (completed_encoders, existing_output_folder, group_name, is_temporary, remove_dead_temporaries,
+                    store_slide_id)
 
 log = logging.getLogger(__name__)
 

@@ -101,7 +101,8 @@ def enclosing_store(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def refuse_inside_a_store(path: str | os.PathLike, give: str = "the <slide_id>.zarr folder or its output folder") -> None:
+def refuse_inside_a_store(path: str | os.PathLike,
+                          give: str = "the <slide_id>.zarr folder or its output folder") -> None:
     """A path inside a store (one of its arrays or groups) is not a store: say which store it is in
     (judged as a store of its own, the store would look damaged) and what to ``give`` instead."""
     store = enclosing_store(path)
