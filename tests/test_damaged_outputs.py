@@ -144,15 +144,17 @@ def test_a_rerun_fails_a_store_with_unreadable_geometry_and_survives_a_damaged_p
 def test_a_slide_changed_in_place_is_named_as_changed(cohort, sample_slide, tmp_path):
     slide = tmp_path / "x.svs"
     shutil.copy(sample_slide, slide)
-    out = tmp_path / "out"
-    assert run_cli("embed", str(slide), "--out", str(out), *EMBED).returncode == 0
+    from wsi_embed import EmbedOptions, embed_slide  # the CLI prints "error: " and this line
+
+    out, opts = tmp_path / "out", EmbedOptions(workers=0)
+    assert embed_slide(slide, out, [VIT], "random", opts).status == "done"
     with open(slide, "r+b") as f:  # another scan under the same name: its first MiB differs
         f.seek(500_000)
         f.write(b"0123456789")
-    proc = run_cli("embed", str(slide), "--out", str(out), *EMBED)
-    assert proc.returncode == 1
-    assert f"error: {slide}: has changed since the store {out / 'x.zarr'} was made from it; use --overwrite to " \
-           "embed it again" in proc.stderr
+    again = embed_slide(slide, out, [VIT], "random", opts)
+    assert again.status == "failed"
+    assert again.error == (f"{slide}: has changed since the store {out / 'x.zarr'} was made from it; use --overwrite "
+                           "to embed it again")
 
 
 @pytest.mark.slow  # in -m slow: keeps CI under 15 minutes
