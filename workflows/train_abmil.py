@@ -219,7 +219,8 @@ def run(args: argparse.Namespace) -> dict:
         model, loss = train_fold(train, n_classes, ds.dim, args, device, seed=args.seed * 1000 + fold.fold)
         preds = evaluate(model, test, args, device)
         metric_name, value = fold_metric(preds, n_classes)
-        unseen = [ds.classes[c] for c in range(n_classes) if c not in set(train.ds.labels)]
+        trained = set(train.ds.labels)
+        unseen = [ds.classes[c] for c in range(n_classes) if c not in trained]
         if unseen:  # its model never saw these: its score says nothing of the encoder
             log.warning("fold %d: its %d training slides have no %s; its score is left out of the mean",
                         fold.fold, len(fold.train), " or ".join(repr(c) for c in unseen))
